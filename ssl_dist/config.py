@@ -1,0 +1,313 @@
+"""Typed configuration for a whole run.
+
+One pydantic model per component, ``extra="forbid"`` everywhere so that a misspelt key is an
+error, a docstring per field, and defaults that run on one CPU machine. A config is loaded from a
+YAML recipe plus dotted overrides (``optim.lr=0.3``); :class:`ConfigError` carries one readable
+message naming the field and what is allowed, which the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """Bad user input: a recipe that cannot be read or a value that is not allowed."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    manifest: str = "work/data/digits/manifest.json"
+    """Path or URL (file://, http(s)://, s3://) of the manifest.json written by `data prepare`."""
+    split: str = "train"
+    """Which split of the manifest to stream for training."""
+    val_split: str = "val"
+    """Split with labels used for kNN monitoring and linear evaluation."""
+    batch_size: int = Field(64, ge=1)
+    """Images per rank per step (the global batch is batch_size x world size x grad accumulation)."""
+    image_size: int = Field(32, ge=8, le=1024)
+    """Side of the square images fed to the encoder; shards are resized to it on decode."""
+    channels: Literal[1, 3] = 3
+    """Channels fed to the encoder: grey images are repeated to 3, colour images averaged to 1."""
+    mode: Literal["exact", "resampled"] = "exact"
+    """`exact`: each sample read once per epoch by one (rank, worker); `resampled`: shards drawn
+    with replacement, fixed steps per epoch, for fewer shards than ranks x workers."""
+    steps_per_epoch: int | None = Field(None, ge=1)
+    """Resampled mode only: batches per rank per epoch (default: dataset size / global batch)."""
+    loader_workers: int = Field(0, ge=0, le=64)
+    """DataLoader worker processes per rank (0 reads in the training process)."""
+    start_method: Literal["forkserver", "spawn"] = "forkserver"
+    """How loader workers start. Fork is not offered: a forked worker inside a Ray worker that
+    already holds threads can deadlock in CPython's after-fork code."""
+    first_batch_timeout_s: float = Field(120.0, gt=0)
+    """Fail with a clear error if no batch arrives within this many seconds."""
+    shuffle_buffer: int = Field(256, ge=0)
+    """Samples held for in-shard shuffling (0 keeps shard order)."""
+    allow_unsafe: bool = False
+    """Allow `pipe:` shard URLs and pickle decoders. Only for shards you wrote yourself."""
+
+
+class ViewsConfig(_Strict):
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    """Area range of the random resized crop, as a fraction of the image."""
+    flip_p: float = Field(0.5, ge=0, le=1)
+    """Probability of a horizontal flip."""
+    jitter_p: float = Field(0.8, ge=0, le=1)
+    """Probability of colour jitter."""
+    jitter_strength: float = Field(0.5, ge=0, le=2)
+    """Scales brightness/contrast/saturation 0.8 and hue 0.2 (SimCLR's s)."""
+    grayscale_p: float = Field(0.2, ge=0, le=1)
+    """Probability of converting to grey."""
+    blur_p: tuple[float, float] = (0.0, 0.0)
+    """Gaussian blur probability for view 1 and view 2 (MoCo v3 / BYOL use 1.0, 0.1)."""
+    solarize_p: tuple[float, float] = (0.0, 0.0)
+    """Solarization probability for view 1 and view 2 (MoCo v3 uses 0.0, 0.2)."""
+    normalize: bool = True
+    """Standardise each channel with the dataset mean/std from the manifest."""
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1] <= 1:
+            raise ValueError("must be two numbers with 0 < min <= max <= 1")
+        return v
+
+    @field_validator("blur_p", "solarize_p")
+    @classmethod
+    def _probs(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not all(0 <= p <= 1 for p in v):
+            raise ValueError("both probabilities must lie in [0, 1]")
+        return v
+
+
+class ModelConfig(_Strict):
+    encoder: Literal["thin_resnet", "resnet18", "resnet50", "vit_tiny", "vit_small"] = "thin_resnet"
+    """Backbone: timm models; `thin_resnet` is a small ResNet for CPU with `widths`."""
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    """Channel widths of the thin ResNet's four stages."""
+    small_stem: bool = True
+    """3x3 stride-1 stem without max-pool, for 28-32 px images."""
+    proj_hidden: int = Field(512, ge=8)
+    """Hidden width of the projector MLP."""
+    proj_dim: int = Field(128, ge=8)
+    """Output width of the projector (the embedding the loss sees)."""
+    proj_layers: int = Field(2, ge=2, le=3)
+    """Linear layers in the projector."""
+    pred_hidden: int = Field(512, ge=8)
+    """Hidden width of MoCo v3's predictor."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm (GPU only; torch refuses it on CPU tensors)."""
+
+
+class MethodConfig(_Strict):
+    name: Literal["simclr", "moco_v2", "moco_v3"] = "simclr"
+    """Which self-supervised method to train."""
+    temperature: float = Field(0.2, gt=0, le=10)
+    """Softmax temperature of the contrastive loss."""
+    gather: bool = True
+    """Gather negatives / keys across all ranks (off only for ablations)."""
+    momentum: float = Field(0.99, ge=0, le=1)
+    """MoCo: base momentum of the key encoder."""
+    momentum_final: float = Field(1.0, ge=0, le=1)
+    """MoCo v3: momentum at the end of training (cosine schedule from `momentum`)."""
+    queue_size: int = Field(4096, ge=1)
+    """MoCo v2: number of keys in the queue; must be a multiple of the global batch."""
+    shuffle_bn: bool = True
+    """MoCo v2: shuffle the key batch across ranks before the key encoder (shuffle-BN)."""
+
+
+class OptimConfig(_Strict):
+    name: Literal["lars", "sgd", "adamw"] = "lars"
+    """Optimizer; LARS is timm's, with BN and bias excluded from decay and adaptation."""
+    lr: float = Field(0.3, gt=0)
+    """Base learning rate at `base_batch`; scaled by `lr_scaling` to the global batch."""
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    """How the learning rate follows the global batch."""
+    base_batch: int = Field(256, ge=1)
+    """Batch size at which `lr` is given."""
+    weight_decay: float = Field(1e-6, ge=0)
+    """Weight decay (not applied to BN and bias parameters)."""
+    momentum: float = Field(0.9, ge=0, lt=1)
+    """SGD / LARS momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = Field(10, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    """Final learning rate as a fraction of the peak."""
+    grad_clip: float = Field(0.0, ge=0)
+    """Clip the global gradient norm to this (0 disables)."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated per optimizer step."""
+
+
+class ZeroConfig(_Strict):
+    stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Training precision; fp32 on CPU, bf16 or fp16 on GPU."""
+    offload_optimizer: bool = False
+    """Offload optimizer state to CPU memory (ZeRO 1-3)."""
+
+
+class ScalingConfig(_Strict):
+    num_workers: int | tuple[int, int] = 2
+    """Ray Train workers: a fixed count, or [min, max] for an elastic run."""
+    cpus_per_worker: int = Field(1, ge=1)
+    """CPUs reserved per worker; also the torch thread count inside it."""
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    """Use one GPU per worker: `auto` uses it when the cluster has GPUs."""
+    elastic_policy: Literal["keep_per_worker_batch", "keep_global_batch"] = "keep_per_worker_batch"
+    """Elastic runs: rescale LR with the new global batch, or keep it by gradient accumulation."""
+
+    @field_validator("num_workers")
+    @classmethod
+    def _workers(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        if isinstance(v, int):
+            if v < 1:
+                raise ValueError("must be at least 1")
+        elif not 1 <= v[0] <= v[1]:
+            raise ValueError("[min, max] needs 1 <= min <= max")
+        return v
+
+
+class TrackingConfig(_Strict):
+    enabled: bool = True
+    """Log to MLflow from rank 0."""
+    uri: str | None = None
+    """MLflow tracking URI; default is a sqlite file in the run directory."""
+    experiment: str = "ssl-dist"
+    """MLflow experiment name."""
+    model_name: str = "ssl-encoder"
+    """Registered model name for the final encoder."""
+    alias: str = "latest"
+    """Alias set on the registered version."""
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    """Run name: the same name continues a run, a new one starts fresh."""
+    storage_path: str = "work/runs"
+    """Where Ray keeps checkpoints: local dir, shared filesystem, or s3://."""
+    seed: int = 0
+    """Seed for data order, augmentation and initialisation."""
+    epochs: int = Field(1, ge=1)
+    """Passes over the training split (exact mode) or epochs of `steps_per_epoch`."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    checkpoint_every: int = Field(100, ge=1)
+    """Save a checkpoint every this many steps (and at the end)."""
+    num_to_keep: int = Field(2, ge=1)
+    """Checkpoints Ray keeps."""
+    max_failures: int = Field(0, ge=-1)
+    """Restarts of the worker group after a failure (-1: unlimited)."""
+    ray_address: str | None = None
+    """`auto`, `ray://host:port`, or empty to start a local Ray instance."""
+    collective_timeout_s: float = Field(600.0, gt=0)
+    """Timeout of collectives: a hung rank fails the group instead of blocking it."""
+    log_every: int = Field(10, ge=1)
+    """Steps between metric reports."""
+
+
+class Config(_Strict):
+    """A whole run."""
+
+    data: DataConfig = DataConfig()
+    views: ViewsConfig = ViewsConfig()
+    model: ModelConfig = ModelConfig()
+    method: MethodConfig = MethodConfig()
+    optim: OptimConfig = OptimConfig()
+    zero: ZeroConfig = ZeroConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    run: RunConfig = RunConfig()
+
+
+def _format_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; see --print-config for all keys)"
+        elif e["type"] == "literal_error" and "expected" in e.get("ctx", {}):
+            msg = f"must be one of {e['ctx']['expected']}"
+        lines.append(f"{loc}: {msg} (got {e.get('input')!r})")
+    return "invalid config: " + "; ".join(lines)
+
+
+def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = tree
+    for p in parts[:-1]:
+        child = node.setdefault(p, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse ``key.sub=value``; the value is read as YAML (numbers, lists, booleans, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise ConfigError(f"override {item!r} has no key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or the defaults), apply dotted overrides, validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections")
+        tree = loaded
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(tree, key, value)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_error(e)) from None
+
+
+def to_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """``{"optim.lr": 0.3, ...}``: for MLflow params and the recorded config."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = node
+
+    walk("", cfg.model_dump(mode="json"))
+    return out
