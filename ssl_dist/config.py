@@ -26,6 +26,8 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     manifest: str = "work/data/digits/manifest.json"
     """Path or URL (file://, http(s)://, s3://) of the manifest.json written by `data prepare`."""
+    shards: list[str] | None = None
+    """Explicit shard URLs (e.g. a mirror); must name the manifest's shards in its order."""
     split: str = "train"
     """Which split of the manifest to stream for training."""
     val_split: str = "val"

@@ -1,0 +1,280 @@
+"""Shard writer, manifest and verification.
+
+A shard set is ``{split}-000000.tar ...`` (WebDataset tar files; each sample is ``KEY.png`` with
+the image stored losslessly and ``KEY.cls`` with the class index) plus ``manifest.json``.
+Every file is written under a temporary name and renamed into place, the manifest last, so a
+manifest never points at a half-written shard.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import tarfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ssl_dist.config import ConfigError
+from ssl_dist.data.sources import Source
+
+MANIFEST = "manifest.json"
+
+
+class ShardInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    samples: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: str
+
+
+class SplitInfo(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    samples: int = Field(ge=0)
+    shards: list[ShardInfo]
+
+
+class Manifest(BaseModel):
+    """What `manifest.json` holds; also read back by the stream and the trainer."""
+
+    model_config = ConfigDict(extra="forbid")
+    format: int = 1
+    source: str
+    classes: list[str]
+    image_size: tuple[int, int]
+    channels: int
+    samples_per_shard: int
+    seed: int
+    mean: list[float]
+    """Per-channel mean of the train split, in [0, 1]."""
+    std: list[float]
+    splits: dict[str, SplitInfo]
+    created: str = ""
+
+    def shard_names(self, split: str) -> list[str]:
+        return [s.name for s in self.split(split).shards]
+
+    def split(self, split: str) -> SplitInfo:
+        if split not in self.splits:
+            raise ConfigError(f"manifest has no split {split!r}; it has {sorted(self.splits)}")
+        return self.splits[split]
+
+    @property
+    def sha256(self) -> str:
+        """Digest of the manifest content: names the exact data a run used."""
+        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+
+def parse_manifest(text: str, where: str) -> Manifest:
+    try:
+        return Manifest.model_validate(json.loads(text))
+    except (ValueError, ValidationError) as e:
+        raise ConfigError(f"{where} is not a valid ssl-dist manifest: {e}") from None
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _write_shard(path: Path, samples: list[tuple[str, bytes, int]]) -> ShardInfo:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        with wds.TarWriter(f) as sink:
+            for key, png, label in samples:
+                sink.write({"__key__": key, "png": png, "cls": str(label).encode()})
+        f.flush()
+        os.fsync(f.fileno())
+    info = ShardInfo(name=path.name, samples=len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp))
+    os.replace(tmp, path)
+    return info
+
+
+class _Moments:
+    """Running per-channel sums for the train split's mean and std."""
+
+    def __init__(self, channels: int) -> None:
+        self.n = 0
+        self.s = np.zeros(channels)
+        self.s2 = np.zeros(channels)
+
+    def add(self, image: np.ndarray) -> None:
+        x = image.reshape(-1, self.s.shape[0]).astype(np.float64) / 255.0
+        self.n += x.shape[0]
+        self.s += x.sum(0)
+        self.s2 += (x * x).sum(0)
+
+    def result(self) -> tuple[list[float], list[float]]:
+        mean = self.s / max(self.n, 1)
+        var = np.maximum(self.s2 / max(self.n, 1) - mean * mean, 1e-12)
+        return mean.round(6).tolist(), np.sqrt(var).round(6).tolist()
+
+
+def check_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse a non-directory or a non-empty `out` unless `overwrite` (no side effects)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"--out {out} is not empty; pass --overwrite to replace its shards")
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Check `out`, then drop an old manifest first and its shards."""
+    check_output_dir(out, overwrite)
+    # The manifest goes first so no reader can pair it with a mix of old and new shards.
+    (out / MANIFEST).unlink(missing_ok=True)
+    for p in out.glob("*.tar"):
+        p.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def write_shards(
+    source: Source,
+    out: Path,
+    samples_per_shard: int = 1000,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> Manifest:
+    """Write every split of `source` to `out` and the manifest last. Returns the manifest."""
+    if samples_per_shard < 1:
+        raise ConfigError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    prepare_output_dir(out, overwrite)
+    written: list[Path] = []
+    try:
+        return _write_all(source, out, samples_per_shard, seed, written, progress)
+    except BaseException:
+        # Nothing half-written: a failed run leaves no manifest and none of its shards.
+        for p in written:
+            p.unlink(missing_ok=True)
+        for p in out.glob(".*.tmp"):
+            p.unlink(missing_ok=True)
+        raise
+
+
+def _write_all(source, out, samples_per_shard, seed, written, progress) -> Manifest:
+    moments = _Moments(source.channels)
+    splits: dict[str, SplitInfo] = {}
+    size: tuple[int, int] | None = None
+    for split_name, split in source.splits.items():
+        infos: list[ShardInfo] = []
+        batch: list[tuple[str, bytes, int]] = []
+
+        def flush(infos=infos, batch=batch, split_name=split_name) -> None:
+            path = out / f"{split_name}-{len(infos):06d}.tar"
+            written.append(path)
+            infos.append(_write_shard(path, batch))
+            batch.clear()
+
+        for key, image, label in split:
+            if size is None:
+                size = (int(image.shape[0]), int(image.shape[1]))
+            if split_name == "train":
+                moments.add(image)
+            batch.append((key, encode_png(image), label))
+            if len(batch) == samples_per_shard:
+                flush()
+            if progress is not None:
+                progress(1)
+        if batch:
+            flush()
+        splits[split_name] = SplitInfo(samples=sum(s.samples for s in infos), shards=infos)
+    if size is None:
+        raise ConfigError(f"source {source.name} has no images")
+    mean, std = moments.result()
+    manifest = Manifest(
+        source=source.name,
+        classes=source.classes,
+        image_size=size,
+        channels=source.channels,
+        samples_per_shard=samples_per_shard,
+        seed=seed,
+        mean=mean,
+        std=std,
+        splits=splits,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(manifest.model_dump_json(indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def read_manifest(out: Path) -> Manifest:
+    path = Path(out) / MANIFEST if Path(out).is_dir() else Path(out)
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; run `ssl-dist data prepare` first")
+    return parse_manifest(path.read_text(), str(path))
+
+
+def _check_shard(path: Path, info: ShardInfo) -> str | None:
+    if not path.is_file():
+        return "missing"
+    if path.stat().st_size != info.bytes:
+        return f"size {path.stat().st_size} bytes, manifest says {info.bytes}"
+    if _sha256(path) != info.sha256:
+        return "sha256 does not match the manifest"
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path) as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                data = tar.extractfile(member)
+                payload = data.read() if data else b""
+                if ext == "png":
+                    with Image.open(io.BytesIO(payload)) as im:
+                        im.load()
+                    keys.add(key)
+                elif ext == "cls":
+                    int(payload)
+    except (tarfile.TarError, OSError, ValueError) as e:
+        return f"cannot decode: {e}"
+    if len(keys) != info.samples:
+        return f"{len(keys)} images, manifest says {info.samples}"
+    return None
+
+
+def verify(out: Path, on_shard: Callable[[str], None] | None = None) -> list[str]:
+    """Check every shard's size, checksum and samples. Returns one line per bad shard."""
+    manifest = read_manifest(out)
+    root = Path(out) if Path(out).is_dir() else Path(out).parent
+    problems = []
+    for split in manifest.splits.values():
+        for info in split.shards:
+            problem = _check_shard(root / info.name, info)
+            if problem:
+                problems.append(f"{info.name}: {problem}")
+            if on_shard is not None:
+                on_shard(info.name)
+    return problems
+
+
+def iter_samples(paths: Iterable[Path]):
+    """Plain tarfile reader of (key, png bytes, label): the ceiling / reference for benchmarks."""
+    for path in paths:
+        with tarfile.open(path) as tar:
+            pending: dict[str, dict[str, bytes]] = {}
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                f = tar.extractfile(member)
+                pending.setdefault(key, {})[ext] = f.read() if f else b""
+                if {"png", "cls"} <= pending[key].keys():
+                    s = pending.pop(key)
+                    yield key, s["png"], int(s["cls"])

@@ -1,0 +1,205 @@
+"""Image sources that `ssl-dist data prepare` turns into shards.
+
+Each reader returns a :class:`Source`: class names and, per split, a list of
+``(key, image, label)`` where ``image`` is a uint8 array ``[H, W]`` (grey) or ``[H, W, 3]``.
+A source without a split of its own is split into train / val with a seeded permutation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import struct
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ssl_dist.config import ConfigError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+"""Where Debian's `dataset-fashion-mnist` package puts the IDX files."""
+
+FASHION_MNIST_CLASSES = [
+    "t-shirt/top", "trouser", "pullover", "dress", "coat",
+    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+]  # fmt: skip
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
+@dataclass
+class Split:
+    """One split: images are loaded lazily so that large folders stream through."""
+
+    keys: list[str]
+    labels: list[int]
+    load: Callable[[int], np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __iter__(self) -> Iterator[tuple[str, np.ndarray, int]]:
+        for i, key in enumerate(self.keys):
+            yield key, self.load(i), self.labels[i]
+
+
+@dataclass
+class Source:
+    name: str
+    classes: list[str]
+    channels: int
+    splits: dict[str, Split] = field(default_factory=dict)
+
+
+def _array_split(name: str, images: np.ndarray, labels: Sequence[int]) -> Split:
+    return Split(
+        keys=[f"{name}{i:07d}" for i in range(len(images))],
+        labels=[int(v) for v in labels],
+        load=lambda i: images[i],
+    )
+
+
+def _seeded_split(images: np.ndarray, labels: np.ndarray, val_fraction: float, seed: int):
+    if not 0 < val_fraction < 1:
+        raise ConfigError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(len(images))
+    n_val = max(1, round(len(images) * val_fraction))
+    val, train = order[:n_val], order[n_val:]
+    return {
+        "train": _array_split("train", images[train], labels[train]),
+        "val": _array_split("val", images[val], labels[val]),
+    }
+
+
+def digits(val_fraction: float = 0.2, seed: int = 0) -> Source:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 16 grey levels) scaled to 0..255."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.clip(np.rint(bunch.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    labels = np.asarray(bunch.target, dtype=np.int64)
+    classes = [str(c) for c in bunch.target_names]
+    return Source("digits", classes, 1, _seeded_split(images, labels, val_fraction, seed))
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): the format of MNIST and Fashion-MNIST."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as e:
+        raise ConfigError(f"cannot read {path}: {e}") from None
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08:
+        raise ConfigError(f"{path} is not an unsigned-byte IDX file")
+    ndim = data[3]
+    dims = struct.unpack(f">{ndim}I", data[4 : 4 + 4 * ndim])
+    body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise ConfigError(f"{path} is truncated: expected {int(np.prod(dims))} bytes of data")
+    return body.reshape(dims)
+
+
+def _find_idx(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise ConfigError(
+        f"{root} has no {stem}[.gz]; install Debian's dataset-fashion-mnist "
+        f"(apt-get install dataset-fashion-mnist) or pass --input DIR with the IDX files"
+    )
+
+
+def fashion_mnist(root: Path | None = None) -> Source:
+    """Fashion-MNIST from IDX files; keeps the official train / test split (test -> `val`)."""
+    root = Path(root) if root is not None else FASHION_MNIST_DIR
+    splits = {}
+    for split, prefix in (("train", "train"), ("val", "t10k")):
+        images = read_idx(_find_idx(root, f"{prefix}-images-idx3-ubyte"))
+        labels = read_idx(_find_idx(root, f"{prefix}-labels-idx1-ubyte"))
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ConfigError(f"{root}: {prefix} images and labels do not match")
+        splits[split] = _array_split(split, images, labels)
+    return Source("fashion-mnist", list(FASHION_MNIST_CLASSES), 1, splits)
+
+
+def _list_class_dir(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files = [
+        (f, c)
+        for c in classes
+        for f in sorted((root / c).rglob("*"))
+        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+    ]
+    return classes, files
+
+
+def _load_image(path: Path, channels: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
+    except (UnidentifiedImageError, OSError) as e:
+        raise ConfigError(f"cannot read image {path}: {e}") from None
+
+
+def _file_split(name: str, files: list[tuple[Path, str]], classes: list[str], channels: int):
+    index = {c: i for i, c in enumerate(classes)}
+    return Split(
+        keys=[f"{name}{i:07d}" for i in range(len(files))],
+        labels=[index[c] for _, c in files],
+        load=lambda i: _load_image(files[i][0], channels),
+    )
+
+
+def _is_grey(path: Path) -> bool:
+    with Image.open(path) as im:
+        return im.mode in ("1", "L", "I", "I;16", "F")
+
+
+def imagefolder(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Source:
+    """``root/<class>/<image>``, or ``root/train/<class>/...`` + ``root/val/<class>/...``.
+
+    Any format PIL reads. Images are stored grey when every image is grey, else RGB.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise ConfigError(f"--input {root} is not a directory")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_files = _list_class_dir(root / "train")
+        val_classes, val_files = _list_class_dir(root / "val")
+        if set(val_classes) - set(classes):
+            raise ConfigError(f"{root}/val has classes missing from train: {set(val_classes) - set(classes)}")
+        split_files = {"train": train_files, "val": val_files}
+    else:
+        classes, files = _list_class_dir(root)
+        if not 0 < val_fraction < 1:
+            raise ConfigError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+        order = np.random.default_rng(seed).permutation(len(files))
+        n_val = max(1, round(len(files) * val_fraction)) if len(files) > 1 else 0
+        split_files = {
+            "train": [files[i] for i in order[n_val:]],
+            "val": [files[i] for i in order[:n_val]],
+        }
+    all_files = [f for fs in split_files.values() for f, _ in fs]
+    if not all_files:
+        raise ConfigError(f"{root} holds no images in <class>/<image> folders")
+    channels = 1 if all(_is_grey(f) for f in all_files) else 3
+    splits = {n: _file_split(n, fs, classes, channels) for n, fs in split_files.items() if fs}
+    return Source("imagefolder", classes, channels, splits)
+
+
+def load_source(
+    name: str, input_dir: str | Path | None, val_fraction: float = 0.2, seed: int = 0
+) -> Source:
+    """Dispatch on the `--source` name."""
+    if name == "digits":
+        return digits(val_fraction, seed)
+    if name == "fashion-mnist":
+        return fashion_mnist(Path(input_dir) if input_dir else None)
+    if name == "imagefolder":
+        if input_dir is None:
+            raise ConfigError("--source imagefolder needs --input DIR")
+        return imagefolder(Path(input_dir), val_fraction, seed)
+    raise ConfigError(f"unknown source {name!r}: choose digits, fashion-mnist or imagefolder")

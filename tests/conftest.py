@@ -1,0 +1,36 @@
+"""Shared fixtures: small shard sets written into tmp_path with real WebDataset tar files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ssl_dist.data.shards import Manifest, write_shards
+from ssl_dist.data.sources import Source, _array_split
+
+
+def indexed_source(n_train: int, n_val: int = 0, size: int = 8, channels: int = 1) -> Source:
+    """Images whose label is their own index, so a test can tell every sample apart."""
+    rng = np.random.default_rng(0)
+    shape = (size, size) if channels == 1 else (size, size, 3)
+    splits = {}
+    for name, n in (("train", n_train), ("val", n_val)):
+        if n:
+            images = rng.integers(0, 256, (n, *shape), dtype=np.uint8)
+            splits[name] = _array_split(name, images, np.arange(n))
+    classes = [str(i) for i in range(max(n_train, n_val))]
+    return Source("indexed", classes, channels, splits)
+
+
+@pytest.fixture
+def make_shards(tmp_path: Path):
+    """``make_shards(n_train, per_shard, n_val=0) -> (dir, manifest)``."""
+
+    def make(n_train: int, per_shard: int, n_val: int = 0, name: str = "shards", **kw):
+        out = tmp_path / name
+        manifest: Manifest = write_shards(indexed_source(n_train, n_val, **kw), out, per_shard)
+        return out, manifest
+
+    return make
