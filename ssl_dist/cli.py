@@ -137,15 +137,15 @@ def bench_loader(
 def main() -> None:
     logging.basicConfig(level=os.environ.get("SSL_DIST_LOG", "WARNING"), format="%(message)s")
     try:
-        app(standalone_mode=False)
+        # Without standalone mode click returns an Exit's code instead of raising it.
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
     except ConfigError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(2)
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except typer.Exit as e:
-        sys.exit(e.exit_code)
     except Exception as e:  # click usage errors carry their own exit code 2
         import click
 

@@ -1,0 +1,1 @@
+"""Benchmarks behind `ssl-dist bench ...`: each prints a table and writes JSON."""
