@@ -37,9 +37,13 @@ OverrideOpt = Annotated[
 def data_prepare(
     source: Annotated[str, typer.Option(help="digits | fashion-mnist | imagefolder")],
     out: Annotated[Path, typer.Option(help="Output directory for shards + manifest.json.")],
-    input: Annotated[Path | None, typer.Option(help="Input dir (imagefolder, fashion-mnist).")] = None,
+    input: Annotated[
+        Path | None, typer.Option(help="Input dir (imagefolder, fashion-mnist).")
+    ] = None,
     samples_per_shard: Annotated[int, typer.Option(help="Samples per tar shard.")] = 1000,
-    val_fraction: Annotated[float, typer.Option(help="Val share when the source has no split.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(help="Val share when the source has no split.")
+    ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace shards in a non-empty --out.")] = False,
 ) -> None:
@@ -90,7 +94,7 @@ def data_stream(
     cfg = load_config(config, override)
     s = stream(cfg.data, rank, world_size, epoch, cfg.run.seed)
     with tqdm(total=len(s), unit="batch", desc=f"rank {rank}", file=sys.stderr) as bar:
-        for batch in s:
+        for batch in s:  # noqa: B007 (the last batch's shape is reported)
             bar.update(1)
             bar.set_postfix(img_s=f"{s.stats.samples / max(s.stats.seconds, 1e-9):.0f}")
     st = s.stats
@@ -120,7 +124,9 @@ def pretrain(
 
 @bench_app.command("loader")
 def bench_loader(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-results/loader.json"),
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
+        "bench-results/loader.json"
+    ),
     work: Annotated[Path, typer.Option(help="Scratch directory.")] = Path("work/bench-loader"),
     source: Annotated[str, typer.Option(help="digits | fashion-mnist")] = "digits",
     image_size: Annotated[int, typer.Option(help="Decode size.")] = 32,

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 
 class ConfigError(ValueError):
@@ -20,7 +20,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, validate_assignment=True)
+    model_config = ConfigDict(
+        extra="forbid", use_attribute_docstrings=True, validate_assignment=True
+    )
 
 
 class DataConfig(_Strict):
@@ -33,7 +35,7 @@ class DataConfig(_Strict):
     val_split: str = "val"
     """Split with labels used for kNN monitoring and linear evaluation."""
     batch_size: int = Field(64, ge=1)
-    """Images per rank per step (the global batch is batch_size x world size x grad accumulation)."""
+    """Images per rank per step; the global batch is batch_size x world size x grad_accum."""
     image_size: int = Field(32, ge=8, le=1024)
     """Side of the square images fed to the encoder; shards are resized to it on decode."""
     channels: Literal[1, 3] = 3
@@ -104,6 +106,10 @@ class ModelConfig(_Strict):
     """Linear layers in the projector."""
     pred_hidden: int = Field(512, ge=8)
     """Hidden width of MoCo v3's predictor."""
+    depths: tuple[int, int, int, int] = (2, 2, 2, 2)
+    """Residual blocks per stage of the thin ResNet (2, 2, 2, 2 is ResNet-18's depth)."""
+    zero_init_residual: bool = True
+    """Start every residual block as the identity (last BN gamma = 0), as SimCLR and MoCo do."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm (GPU only; torch refuses it on CPU tensors)."""
 

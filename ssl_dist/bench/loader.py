@@ -99,7 +99,9 @@ def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, se
         epoch = iter(range(1 << 30))
         rows.append(_loader_rate(
             "ssl-dist stream (shards)", workers,
-            lambda cfg=cfg: ((b.images, b.labels) for b in stream(cfg, 0, 1, next(epoch))),
+            lambda cfg=cfg, epoch=epoch: (
+                (b.images, b.labels) for b in stream(cfg, 0, 1, next(epoch))
+            ),
             seconds,
         ))  # fmt: skip
         ds = PngFiles(files, image_size, manifest.channels)
@@ -134,8 +136,8 @@ def _views_rates(manifest, image_size: int, batch_size: int, seconds: float) -> 
     c = manifest.channels
     batch = torch.from_numpy(rng.integers(0, 256, (batch_size, c, image_size, image_size),
                                           dtype=np.uint8))  # fmt: skip
-    views = TwoViews(cfg, image_size, 3, manifest.mean * (3 // c), manifest.std * (3 // c))
-    mean, std = views.mean.flatten().tolist(), views.std.flatten().tolist()
+    views = TwoViews(cfg, image_size, 3, manifest.mean, manifest.std)
+    mean, std = list(manifest.mean) * (3 // c), list(manifest.std) * (3 // c)
     k_secs, k_n = timed(lambda: (views(batch), batch_size)[1], seconds)
     t_secs, t_n = timed(
         lambda: (per_sample_torchvision_views(batch, cfg, image_size, 3, mean, std), batch_size)[1],

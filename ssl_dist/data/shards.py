@@ -102,7 +102,9 @@ def _write_shard(path: Path, samples: list[tuple[str, bytes, int]]) -> ShardInfo
                 sink.write({"__key__": key, "png": png, "cls": str(label).encode()})
         f.flush()
         os.fsync(f.fileno())
-    info = ShardInfo(name=path.name, samples=len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp))
+    info = ShardInfo(
+        name=path.name, samples=len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp)
+    )
     os.replace(tmp, path)
     return info
 

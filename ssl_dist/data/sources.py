@@ -53,7 +53,7 @@ class Source:
     splits: dict[str, Split] = field(default_factory=dict)
 
 
-def _array_split(name: str, images: np.ndarray, labels: Sequence[int]) -> Split:
+def _array_split(name: str, images: np.ndarray, labels: Sequence[int] | np.ndarray) -> Split:
     return Split(
         keys=[f"{name}{i:07d}" for i in range(len(images))],
         labels=[int(v) for v in labels],
@@ -170,12 +170,16 @@ def imagefolder(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Source:
         classes, train_files = _list_class_dir(root / "train")
         val_classes, val_files = _list_class_dir(root / "val")
         if set(val_classes) - set(classes):
-            raise ConfigError(f"{root}/val has classes missing from train: {set(val_classes) - set(classes)}")
+            raise ConfigError(
+                f"{root}/val has classes missing from train: {set(val_classes) - set(classes)}"
+            )
         split_files = {"train": train_files, "val": val_files}
     else:
         classes, files = _list_class_dir(root)
         if not 0 < val_fraction < 1:
-            raise ConfigError(f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}")
+            raise ConfigError(
+                f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}"
+            )
         order = np.random.default_rng(seed).permutation(len(files))
         n_val = max(1, round(len(files) * val_fraction)) if len(files) > 1 else 0
         split_files = {

@@ -119,7 +119,7 @@ def open_shards(cfg: DataConfig, split: str | None = None) -> ShardSet:
         if got != names:
             raise ConfigError(
                 f"data.shards does not match the manifest's {split!r} shards: expected "
-                f"{len(names)} URLs ending in {names[:3]}..., got {len(urls)} ending in {got[:3]}..."
+                f"{len(names)} URLs ending in {names[:3]}..., got {len(urls)}: {got[:3]}..."
             )
     for u in urls:
         _check_url(u, cfg.allow_unsafe)
@@ -175,11 +175,11 @@ def _open_urls(urls, allow_unsafe: bool):
 
 def decode_image(payload: bytes, size: int, channels: int) -> torch.Tensor:
     """PNG/JPEG bytes -> uint8 [C, size, size]."""
-    with Image.open(io.BytesIO(payload)) as im:
-        im = im.convert("L" if channels == 1 else "RGB")
-        if im.size != (size, size):
-            im = im.resize((size, size), Image.Resampling.BICUBIC)
-        arr = np.asarray(im)
+    with Image.open(io.BytesIO(payload)) as raw:
+        im = raw.convert("L" if channels == 1 else "RGB")
+    if im.size != (size, size):
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    arr = np.asarray(im)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()

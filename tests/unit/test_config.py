@@ -60,5 +60,5 @@ def test_every_field_is_documented():
             else:
                 assert f.description, f"{model.__name__}.{name} has no docstring"
 
-    for name, f in Config.model_fields.items():
+    for f in Config.model_fields.values():
         walk(f.annotation)

@@ -70,9 +70,8 @@ def test_resampled_is_reproducible(make_shards, workers):
 
 def _rewrite_sample(path, key, ext, payload, add=False):
     """Replace (or add) one member of a tar shard."""
-    src = tarfile.open(path)
-    members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
-    src.close()
+    with tarfile.open(path) as src:
+        members = [(m, src.extractfile(m).read()) for m in src.getmembers()]
     with tarfile.open(path, "w") as dst:
         for m, data in members:
             if m.name == f"{key}.{ext}" and not add:
