@@ -210,6 +210,9 @@ class RunConfig(_Strict):
     """Passes over the training split (exact mode) or epochs of `steps_per_epoch`."""
     max_steps: int | None = Field(None, ge=1)
     """Stop after this many optimizer steps (overrides epochs when smaller)."""
+    stop_at_step: int | None = Field(None, ge=1)
+    """End this invocation after this step with a checkpoint; the schedule still spans the whole
+    run, and running the same name again continues (time-boxed jobs, tests)."""
     checkpoint_every: int = Field(100, ge=1)
     """Save a checkpoint every this many steps (and at the end)."""
     num_to_keep: int = Field(2, ge=1)

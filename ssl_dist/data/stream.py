@@ -7,10 +7,12 @@ Two modes (``DataConfig.mode``):
 
 * ``exact``: the shard list is permuted with a seed of (run seed, epoch), the same on every rank,
   and dealt round-robin to ranks, then to loader workers. Every sample is read by exactly one
-  (rank, worker). Each rank yields ``min_r(samples_r) // batch_size`` batches, computed from the
-  manifest counts, so every rank runs the same number of steps and collectives never hang. The
+  (rank, worker). Each rank yields ``sum(S // W smallest shard counts) // batch_size`` batches,
+  computed from the manifest: every rank holds at least that many samples in every epoch, so
+  all ranks run the same number of steps in every epoch and collectives never hang. The
   documented remainder: samples past that count on each rank are dropped for this epoch (a
-  different permutation next epoch drops different ones).
+  different permutation next epoch drops different ones). With equal shards (all but the last
+  full) this is at most one shard's worth plus one batch per rank.
 * ``resampled``: every (rank, worker) draws shards with replacement from a generator seeded by
   (seed, epoch, rank, worker), and the rank yields a fixed number of batches; for data sets with
   fewer shards than ranks x workers, or too large to count on.
@@ -138,11 +140,14 @@ def plan_exact(
         )
     order = np.random.default_rng([seed, epoch]).permutation(len(counts)).tolist()
     per_rank = [order[r::world_size] for r in range(world_size)]
-    batches = min(sum(counts[i] for i in shards) for shards in per_rank) // batch_size
+    # Every rank holds at least S // W shards, so its share is at least the sum of the S // W
+    # smallest: a batch count that holds for every epoch's permutation.
+    floor_share = sum(sorted(counts)[: len(counts) // world_size])
+    batches = floor_share // batch_size
     if batches == 0:
         raise ConfigError(
-            f"data.batch_size={batch_size} is larger than the samples one rank gets "
-            f"({min(sum(counts[i] for i in s) for s in per_rank)}); lower it or use fewer ranks"
+            f"data.batch_size={batch_size} is larger than the samples one rank is sure to get "
+            f"({floor_share}); lower it or use fewer ranks"
         )
     return per_rank[rank], batches
 

@@ -150,6 +150,20 @@ class TwoViews(nn.Module):
             torch.manual_seed(seed)
             return self._views(x)
 
+    @torch.no_grad()
+    def plain(self, batch: torch.Tensor) -> torch.Tensor:
+        """The un-augmented view for evaluation: resize, channel conversion and normalisation.
+
+        Args:
+            batch: uint8 ``[B, C, H, W]``. Returns: float32 ``[B, channels, size, size]``.
+        """
+        x = batch.float().div_(255.0)
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = nn.functional.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
+            )
+        return self._finish(x)
+
 
 def per_sample_torchvision_views(
     batch: torch.Tensor,

@@ -1,0 +1,79 @@
+"""kNN monitor: how well frozen features separate the classes, without training anything.
+
+Weighted k-nearest-neighbour vote on cosine similarity, as in Wu et al. 2018 ("Unsupervised
+Feature Learning via Non-Parametric Instance Discrimination", sec. 3.4) and the kNN monitors of
+the MoCo / DINO code: the bank is the labelled train split, the queries are the val split.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_dist.config import DataConfig
+from ssl_dist.data.stream import stream
+from ssl_dist.data.views import TwoViews
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    data: DataConfig,
+    split: str,
+    views: TwoViews,
+    device: torch.device | str = "cpu",
+    max_samples: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Encode every sample of `split` once (one process reads the whole split).
+
+    Returns:
+        ``(features [N, F] float32, labels [N] int64)``.
+    """
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels = [], []
+    seen = 0
+    try:
+        for batch in stream(data, 0, 1, 0, split=split, partial=True):
+            x = views.plain(batch.images.to(device))
+            feats.append(encoder(x).float().cpu())
+            labels.append(batch.labels)
+            seen += len(batch.labels)
+            if max_samples is not None and seen >= max_samples:
+                break
+    finally:
+        encoder.train(was_training)
+    f, y = torch.cat(feats), torch.cat(labels)
+    if max_samples is not None:
+        f, y = f[:max_samples], y[:max_samples]
+    return f, y
+
+
+def knn_predict(
+    bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int,
+    k: int = 20, temperature: float = 0.07,
+) -> Tensor:  # fmt: skip
+    """Class scores ``[Q, num_classes]`` from a similarity-weighted vote of the k nearest."""
+    bank = F.normalize(bank, dim=1)
+    queries = F.normalize(queries, dim=1)
+    k = min(k, bank.shape[0])
+    scores = torch.zeros(queries.shape[0], num_classes)
+    for start in range(0, queries.shape[0], 1024):
+        sim = queries[start : start + 1024] @ bank.T  # [q, N]
+        top_sim, top_idx = sim.topk(k, dim=1)
+        weights = (top_sim / temperature).exp()
+        votes = F.one_hot(bank_labels[top_idx], num_classes).float()  # [q, k, C]
+        scores[start : start + 1024] = (votes * weights.unsqueeze(-1)).sum(1)
+    return scores
+
+
+def knn_accuracy(
+    encoder: nn.Module, data: DataConfig, views: TwoViews, num_classes: int,
+    device: torch.device | str = "cpu", k: int = 20, max_bank: int | None = 10000,
+) -> float:  # fmt: skip
+    """Top-1 kNN accuracy of `encoder` features: train split as bank, val split as queries."""
+    bank, bank_y = extract_features(encoder, data, data.split, views, device, max_bank)
+    queries, query_y = extract_features(encoder, data, data.val_split, views, device)
+    pred = knn_predict(bank, bank_y, queries, num_classes, k).argmax(1)
+    return (pred == query_y).float().mean().item()

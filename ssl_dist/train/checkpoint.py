@@ -1,0 +1,79 @@
+"""Checkpoint contents beside DeepSpeed's shards: train state and the consolidated encoder.
+
+Layout of one checkpoint directory (every rank writes its own DeepSpeed files into it)::
+
+    deepspeed/            engine.save_checkpoint: model, optimizer shards, MoCo queue buffers
+    train_state.json      step, epoch, batch in epoch, world size it was saved with, run id slot
+    encoder.safetensors   fp32 online encoder, consolidated on rank 0 (safe to hand between jobs)
+    config.yaml           the resolved run config
+
+A checkpoint is complete only when `train_state.json` is there; it is written last, by rank 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STATE = "train_state.json"
+ENCODER = "encoder.safetensors"
+DEEPSPEED_DIR = "deepspeed"
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    """Optimizer steps done."""
+    epoch: int = 0
+    """Epoch in progress."""
+    batch_in_epoch: int = 0
+    """Micro-batches of `epoch` already consumed (the stream position)."""
+    world_size: int = 1
+    """World size the checkpoint was written with."""
+    mlflow_run_id: str | None = None
+    """The tracking run this training belongs to (kept across restarts)."""
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def read(cls, directory: Path) -> TrainState:
+        return cls(**json.loads((Path(directory) / STATE).read_text()))
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def encoder_state(full_state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict:
+    """The online encoder's tensors from a full method state dict, contiguous fp32 copies."""
+    out = {
+        k[len(prefix) :]: v.detach().float().contiguous().clone()
+        for k, v in full_state.items()
+        if k.startswith(prefix)
+    }
+    if not out:
+        raise ValueError(f"no '{prefix}*' tensors in the state dict")
+    return out
+
+
+def save_encoder(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_encoder(path: Path) -> dict[str, torch.Tensor]:
+    """Encoder weights from safetensors: no pickle is ever loaded."""
+    return load_file(str(path))
+
+
+def is_complete(directory: Path) -> bool:
+    return (Path(directory) / STATE).is_file() and (Path(directory) / DEEPSPEED_DIR).is_dir()
