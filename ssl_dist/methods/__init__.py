@@ -1,0 +1,57 @@
+"""Self-supervised methods: SimCLR, MoCo v2 and MoCo v3 behind one interface.
+
+``build_method(cfg.method, cfg.model, in_chans, image_size)`` returns an :class:`SSLMethod`
+whose ``forward(x1, x2)`` gives ``(loss, metrics)``; see :mod:`ssl_dist.methods.base` for the
+training-loop contract.
+"""
+
+from __future__ import annotations
+
+from ssl_dist.config import MethodConfig, ModelConfig
+from ssl_dist.methods.base import SSLMethod, alignment, pair_metrics, uniformity
+from ssl_dist.methods.moco import MoCoV2, MoCoV3
+from ssl_dist.methods.simclr import SimCLR
+from ssl_dist.models import maybe_sync_bn
+
+METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3)}
+"""Method classes keyed by ``MethodConfig.name``."""
+
+
+def build_method(
+    method_cfg: MethodConfig, model_cfg: ModelConfig, in_chans: int, image_size: int
+) -> SSLMethod:
+    """Build the method named by ``method_cfg.name``.
+
+    BatchNorm layers (online and momentum networks alike) become SyncBatchNorm when
+    ``model_cfg.sync_bn`` (GPU only; see :func:`ssl_dist.models.maybe_sync_bn`).
+
+    Args:
+        method_cfg: Method config.
+        model_cfg: Model config.
+        in_chans: Input channels (1 or 3).
+        image_size: Side of the square input images.
+
+    Raises:
+        ValueError: for an unknown method name, or ``sync_bn`` without CUDA.
+    """
+    cls = METHODS.get(method_cfg.name)
+    if cls is None:
+        raise ValueError(f"unknown method {method_cfg.name!r}; use one of {sorted(METHODS)}")
+    method = cls(method_cfg, model_cfg, in_chans, image_size)
+    converted = maybe_sync_bn(method, model_cfg.sync_bn)
+    # convert_sync_batchnorm replaces BN children in place and returns the root module itself.
+    assert converted is method
+    return method
+
+
+__all__ = [
+    "METHODS",
+    "MoCoV2",
+    "MoCoV3",
+    "SSLMethod",
+    "SimCLR",
+    "alignment",
+    "build_method",
+    "pair_metrics",
+    "uniformity",
+]

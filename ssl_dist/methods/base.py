@@ -1,0 +1,139 @@
+"""The interface every self-supervised method implements, and shared metrics.
+
+A method is one ``nn.Module`` that owns every network it needs (online encoder and heads, and for
+MoCo a frozen momentum copy). ``forward(x1, x2)`` takes the two augmented views of one local batch
+and returns the loss of THIS rank plus a few detached metrics. Losses are means over local
+anchors / queries (see :mod:`ssl_dist.losses`): the trainer averages gradients over ranks (DDP /
+DeepSpeed) and never rescales by the world size.
+
+Training loop contract::
+
+    loss, metrics = method(x1, x2)        # or engine(x1, x2) under DeepSpeed
+    loss.backward(); optimizer.step()     # optimizer built from method.trainable_parameters()
+    m = method.momentum_update(step, total_steps)   # after each optimizer step
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_dist.models import ema_update
+
+UNIFORMITY_T = 2.0
+"""Temperature t of the uniformity metric (Wang & Isola 2020 use t = 2)."""
+
+
+class SSLMethod(nn.Module):
+    """Base class: a self-supervised method that turns two views into a loss.
+
+    Attributes:
+        name: Registry key (``MethodConfig.name``).
+        encoder: The online backbone ``[B, C, H, W] -> [B, F]`` (pooled features); this is the
+            network kept after pretraining (kNN monitor, linear evaluation, registry).
+    """
+
+    name: ClassVar[str] = ""
+    encoder: nn.Module
+
+    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Args: x1, x2: the two views ``[N, C, H, W]`` of the same N local images.
+
+        Returns:
+            ``(loss, metrics)``: scalar loss (mean over local anchors, with gradient) and named
+            detached scalar tensors.
+        """
+        raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates: everything with ``requires_grad`` (momentum copies
+        are frozen, so they are left out)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def momentum_pairs(self) -> list[tuple[nn.Module, nn.Module]]:
+        """``(momentum copy, online module)`` pairs moved by :meth:`momentum_update`."""
+        return []
+
+    def momentum_at(self, step: int, total_steps: int) -> float:
+        """Momentum of the key encoder after ``step`` of ``total_steps`` optimizer steps."""
+        return 0.0
+
+    def momentum_update(self, step: int, total_steps: int) -> float:
+        """EMA-update every momentum copy; call after each optimizer step.
+
+        Args:
+            step: Optimizer steps taken so far, counting the one just taken (1 after the first
+                step). This matches moco-v3, which updates with ``m(i)`` at the start of
+                iteration i (0-based), i.e. after i optimizer steps.
+            total_steps: Optimizer steps of the whole run (for scheduled momentum).
+
+        Returns:
+            The momentum used (0.0 for methods without a momentum encoder, which do nothing).
+        """
+        m = self.momentum_at(step, total_steps)
+        for target, online in self.momentum_pairs():
+            ema_update(target, online, m)
+        return m
+
+    @staticmethod
+    def check_views(x1: Tensor, x2: Tensor) -> None:
+        """Raise ``ValueError`` unless the views are batches of the same shape."""
+        if x1.shape != x2.shape or x1.ndim < 2 or x1.shape[0] < 1:
+            raise ValueError(
+                f"x1 and x2 must be batches of one shape; got {tuple(x1.shape)}, {tuple(x2.shape)}"
+            )
+
+
+def num_features(encoder: nn.Module) -> int:
+    """The ``num_features`` int every encoder of :func:`ssl_dist.models.build_encoder` exposes."""
+    n = getattr(encoder, "num_features", None)
+    if not isinstance(n, int):
+        raise TypeError(f"{type(encoder).__name__} has no int attribute num_features")
+    return n
+
+
+def alignment(a: Tensor, b: Tensor) -> Tensor:
+    """Alignment ``E ||a_i - b_i||^2`` of L2-normalised positive pairs (Wang & Isola, ICML 2020,
+    "Understanding Contrastive Representation Learning through Alignment and Uniformity on the
+    Hypersphere", eq. 4 with alpha = 2). Lower is better; 0 means identical directions.
+
+    Args: a, b: ``[N, F]``, row i of ``a`` and ``b`` a positive pair. Returns: scalar.
+    """
+    a, b = F.normalize(a.float(), dim=1), F.normalize(b.float(), dim=1)
+    return (a - b).pow(2).sum(dim=1).mean()
+
+
+def uniformity(x: Tensor, t: float = UNIFORMITY_T) -> Tensor:
+    """Uniformity ``log E_{i<j} exp(-t ||x_i - x_j||^2)`` of L2-normalised rows (Wang & Isola
+    2020, eq. 5). Lower (more negative) is more uniform; the minimum for points on a circle pair
+    at opposite poles is ``-4 t``.
+
+    Args: x: ``[N, F]`` with N >= 2 (NaN for N < 2, where no pair exists). Returns: scalar.
+    """
+    x = F.normalize(x.float(), dim=1)
+    sq = torch.pdist(x).pow(2)
+    return sq.mul(-t).exp().mean().log()
+
+
+def positive_similarity(a: Tensor, b: Tensor) -> Tensor:
+    """Mean cosine similarity of positive pairs ``[N, D] x [N, D] -> scalar``."""
+    return F.cosine_similarity(a.float(), b.float(), dim=1).mean()
+
+
+@torch.no_grad()
+def pair_metrics(h1: Tensor, h2: Tensor, e1: Tensor, e2: Tensor) -> dict[str, Tensor]:
+    """Detached metrics shared by all methods.
+
+    Args:
+        h1, h2: Online backbone features of the two views ``[N, F]`` (the representation kept
+            after pretraining): ``alignment`` between them and ``uniformity`` of ``h1``.
+        e1, e2: Positive pairs of the embedding the loss compares ``[N, D]``: ``pos_sim``.
+    """
+    return {
+        "pos_sim": positive_similarity(e1, e2),
+        "alignment": alignment(h1, h2),
+        "uniformity": uniformity(h1),
+    }
