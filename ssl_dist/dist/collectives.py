@@ -145,3 +145,11 @@ def broadcast_object(obj: T, src: int = 0) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Element-wise max over ranks (a new detached tensor); ``t`` itself in one process."""
+    out = t.detach().clone()
+    if _initialised() and dist.get_world_size() > 1:
+        dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
