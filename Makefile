@@ -27,6 +27,7 @@ demo: install
 bench: install
 	$(BIN)/ssl-dist bench loader
 	$(BIN)/ssl-dist bench loss
+	$(BIN)/ssl-dist bench train
 
 lint: install
 	$(BIN)/ruff check .

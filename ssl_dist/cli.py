@@ -116,10 +116,30 @@ def pretrain(
     if print_config:
         typer.echo(to_yaml(cfg), nl=False)
         return
-    from ssl_dist.train.driver import run_pretrain
+    from ssl_dist.train.driver import pretrain as run
 
-    result = run_pretrain(cfg)
-    typer.echo(f"checkpoint: {result}")
+    path, metrics = run(cfg)
+    if metrics.get("images_s"):
+        typer.echo(
+            f"steps: {metrics['step']}, {metrics['images_s']:.0f} images/s "
+            f"({metrics['step_ms']:.0f} ms/step after warm-up), "
+            f"peak RSS {metrics['peak_rss_mb']:.0f} MiB per rank"
+        )
+    typer.echo(f"checkpoint: {path}")
+
+
+@app.command("knn")
+def knn(
+    checkpoint: Annotated[Path, typer.Argument(help="Checkpoint dir (has encoder.safetensors).")],
+    manifest: Annotated[str | None, typer.Option(help="Shards to evaluate on instead.")] = None,
+) -> None:
+    """kNN accuracy (val split, train split as bank) of a checkpoint's encoder vs its init."""
+    from ssl_dist.evaluate.knn import checkpoint_knn
+
+    r = checkpoint_knn(checkpoint, manifest)
+    typer.echo(
+        f"kNN top-1 on val: {r['knn_trained']:.1%} pretrained vs {r['knn_init']:.1%} at init"
+    )
 
 
 @bench_app.command("loader")
@@ -138,6 +158,32 @@ def bench_loader(
 
     run(out=out, work=work, source=source, image_size=image_size, batch_size=batch_size,
         seconds=seconds)  # fmt: skip
+
+
+@bench_app.command("loss")
+def bench_loss(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path("bench-results/loss.json"),
+    seconds: Annotated[float, typer.Option(help="Minimum seconds per measurement.")] = 2.0,
+) -> None:
+    """NT-Xent with gathered vs local negatives; forward+backward images/s per method."""
+    from ssl_dist.bench.loss import run
+
+    run(out=out, seconds=seconds)
+
+
+@bench_app.command("train")
+def bench_train(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
+        "bench-results/train.json"
+    ),
+    work: Annotated[Path, typer.Option(help="Scratch directory.")] = Path("work/bench-train"),
+    steps: Annotated[int, typer.Option(help="Steps per run (5 are warm-up).")] = 30,
+    global_batch: Annotated[int, typer.Option(help="Global batch of every run.")] = 128,
+) -> None:
+    """Plain torch loop vs Ray 1/2 workers vs ZeRO 0-3: images/s, scaling, memory per rank."""
+    from ssl_dist.bench.train import run
+
+    run(out=out, work=work, steps=steps, global_batch=global_batch)
 
 
 def main() -> None:

@@ -314,6 +314,11 @@ class Stream:
             multiprocessing_context=self.cfg.start_method if workers else None,
             timeout=self.cfg.first_batch_timeout_s if workers else 0,
             persistent_workers=False,
+            # Its own generator: creating the loader iterator must not draw from the global
+            # RNG, or a resumed run's later random draws (shuffle-BN) would shift.
+            generator=torch.Generator().manual_seed(
+                hash((self.seed, self.epoch, self.rank, salt)) & 0x7FFF_FFFF
+            ),
         )
 
     def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -7,6 +7,8 @@ the MoCo / DINO code: the bank is the labelled train split, the queries are the 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -77,3 +79,33 @@ def knn_accuracy(
     queries, query_y = extract_features(encoder, data, data.val_split, views, device)
     pred = knn_predict(bank, bank_y, queries, num_classes, k).argmax(1)
     return (pred == query_y).float().mean().item()
+
+
+def checkpoint_knn(checkpoint: str | Path, manifest: str | None = None) -> dict[str, float]:
+    """kNN accuracy of a checkpoint's encoder and of the same encoder at initialisation.
+
+    Reads `config.yaml` and `encoder.safetensors` from the checkpoint directory (no pickle).
+    """
+    import yaml
+
+    from ssl_dist.config import Config, ConfigError
+    from ssl_dist.data.stream import open_shards
+    from ssl_dist.models import build_encoder
+    from ssl_dist.train.checkpoint import ENCODER, load_encoder
+    from ssl_dist.train.parts import build_views
+
+    d = Path(checkpoint)
+    if not (d / ENCODER).is_file() or not (d / "config.yaml").is_file():
+        raise ConfigError(f"{d} is not an ssl-dist checkpoint (no {ENCODER} / config.yaml)")
+    cfg = Config.model_validate(yaml.safe_load((d / "config.yaml").read_text()))
+    if manifest:
+        cfg.data.manifest = manifest
+    shards = open_shards(cfg.data)
+    views = build_views(cfg, shards.manifest)
+    num_classes = len(shards.manifest.classes)
+    torch.manual_seed(cfg.run.seed)  # the same init the run started from
+    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
+    init = knn_accuracy(encoder, cfg.data, views, num_classes)
+    encoder.load_state_dict(load_encoder(d / ENCODER), strict=True)
+    trained = knn_accuracy(encoder, cfg.data, views, num_classes)
+    return {"knn_init": init, "knn_trained": trained}

@@ -6,6 +6,7 @@ Layout of one checkpoint directory (every rank writes its own DeepSpeed files in
     train_state.json      step, epoch, batch in epoch, world size it was saved with, run id slot
     encoder.safetensors   fp32 online encoder, consolidated on rank 0 (safe to hand between jobs)
     config.yaml           the resolved run config
+    rng-rank{r}.safetensors   each rank's torch RNG state
 
 A checkpoint is complete only when `train_state.json` is there; it is written last, by rank 0.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,6 +38,8 @@ class TrainState:
     """World size the checkpoint was written with."""
     mlflow_run_id: str | None = None
     """The tracking run this training belongs to (kept across restarts)."""
+    resumed_at: list[int] = field(default_factory=list)
+    """Steps from which this run was resumed (restarts after failures, continued runs)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -73,6 +76,46 @@ def save_encoder(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[st
 def load_encoder(path: Path) -> dict[str, torch.Tensor]:
     """Encoder weights from safetensors: no pickle is ever loaded."""
     return load_file(str(path))
+
+
+PROGRESS = "progress.json"
+"""Last step reached, kept by rank 0 in the run directory (local or shared storage only)."""
+
+
+def write_progress(run_dir: Path, step: int) -> None:
+    if run_dir.is_dir():
+        write_atomic(run_dir / PROGRESS, json.dumps({"step": step}))
+
+
+def read_progress(run_dir: Path) -> int | None:
+    try:
+        return int(json.loads((run_dir / PROGRESS).read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def rng_file(rank: int) -> str:
+    return f"rng-rank{rank}.safetensors"
+
+
+def save_rng(directory: Path, rank: int) -> None:
+    """This rank's torch RNG state (shuffle-BN permutations draw from it)."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    save_file(state, str(Path(directory) / rng_file(rank)))
+
+
+def load_rng(directory: Path, rank: int) -> bool:
+    """Restore this rank's RNG state if the checkpoint has one for it (same world size)."""
+    path = Path(directory) / rng_file(rank)
+    if not path.is_file():
+        return False
+    state = load_file(str(path))
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    return True
 
 
 def is_complete(directory: Path) -> bool:

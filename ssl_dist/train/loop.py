@@ -1,0 +1,215 @@
+"""The per-worker training loop that Ray Train runs on every rank.
+
+Reads top to bottom: context -> data, views, method -> DeepSpeed engine -> resume -> epochs of
+steps -> checkpoints. Every rank runs the same number of steps (the stream guarantees it), so the
+collectives inside the loss, the engine and the checkpoint never wait on a missing rank.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import ray.train
+import torch
+
+from ssl_dist.config import Config, to_yaml
+from ssl_dist.data.stream import open_shards, stream
+from ssl_dist.dist import collectives, zero
+from ssl_dist.train import checkpoint as ckpt
+from ssl_dist.train.parts import build_model, build_views, plan_steps, view_seed
+
+log = logging.getLogger(__name__)
+
+
+class _Preempted:
+    """Set by SIGTERM; checked at step boundaries, agreed across ranks, then checkpoint + exit."""
+
+    flag = False
+
+    @classmethod
+    def install(cls) -> None:
+        def handler(signum: int, frame: Any) -> None:
+            cls.flag = True
+
+        # Outside the main thread signal() raises ValueError: no chance to checkpoint there.
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGTERM, handler)
+
+
+def _device(cfg: Config) -> torch.device:
+    if cfg.scaling.use_gpu != "no" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train entry point; `config` holds the resolved run config as plain data."""
+    cfg = Config.model_validate(config["config"])
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(cfg.scaling.cpus_per_worker)
+    _Preempted.install()
+    device = _device(cfg)
+
+    shards = open_shards(cfg.data)
+    plan = plan_steps(cfg, shards, world_size)
+    views = build_views(cfg, shards.manifest).to(device)
+    method = build_model(cfg).to(device)
+    engine = zero.build_engine(
+        method, cfg.zero, cfg.optim, cfg.data.batch_size, world_size, plan.peak_lr
+    )
+
+    state = ckpt.TrainState(world_size=world_size)
+    run_dir = Path(cfg.run.storage_path) / cfg.run.name
+    resumed = ray.train.get_checkpoint()
+    if resumed is not None:
+        with resumed.as_directory() as d:
+            state = ckpt.TrainState.read(Path(d))
+            if state.world_size != world_size and cfg.zero.stage > 0:
+                raise RuntimeError(
+                    f"checkpoint was written by {state.world_size} workers under ZeRO-"
+                    f"{cfg.zero.stage}; its optimizer partitions do not fit {world_size} workers"
+                )
+            zero.load(engine, Path(d) / ckpt.DEEPSPEED_DIR)
+            ckpt.load_rng(Path(d), rank)
+        if rank == 0:
+            reached = ckpt.read_progress(run_dir)
+            lost = f"; {reached - state.step} steps lost" if reached else ""
+            print(f"resumed from step {state.step} (epoch {state.epoch}, saved by "
+                  f"{state.world_size} workers, now {world_size}){lost}",
+                  file=sys.stderr)  # fmt: skip
+        state.world_size = world_size
+        state.resumed_at.append(state.step)
+
+    bar = _progress(plan.total_steps, state.step) if rank == 0 else None
+    speed = _Speed(state.step)
+    micro = cfg.optim.grad_accum
+    t_last, images_since = time.perf_counter(), 0
+    if cfg.run.stop_at_step is not None and state.step >= cfg.run.stop_at_step:
+        return  # this segment already ran
+    while state.step < plan.total_steps:
+        data = stream(cfg.data, rank, world_size, state.epoch, cfg.run.seed, shards=shards)
+        for i, batch in enumerate(data):
+            if i < state.batch_in_epoch:
+                continue  # fast-forward to where the checkpoint stopped in this epoch
+            if i % micro == 0:
+                zero.set_lr(engine, plan.lr(state.step, cfg))
+            x1, x2 = views(batch.images.to(device, non_blocking=True),
+                           seed=view_seed(cfg.run.seed, state.epoch, i, rank))  # fmt: skip
+            loss, metrics = engine(x1, x2)
+            engine.backward(loss)
+            engine.step()
+            state.batch_in_epoch = i + 1
+            images_since += batch.images.shape[0]
+            if (i + 1) % micro:
+                continue
+            state.step += 1
+            speed.tick(state.step, batch.images.shape[0] * micro * world_size)
+            momentum = zero.momentum_update(method, state.step, plan.total_steps)
+            done = state.step >= plan.total_steps
+            stop = _agree_to_stop() or state.step == cfg.run.stop_at_step
+            if rank == 0 and "://" not in cfg.run.storage_path:
+                ckpt.write_progress(run_dir, state.step)
+            if state.step % cfg.run.log_every == 0 or done:
+                # all_reduce: a sync point on every rank (and a CPU-GPU sync on GPU).
+                mean_loss = collectives.all_reduce_mean(loss.detach().float()).item()
+                now = time.perf_counter()
+                ips = images_since * world_size / (now - t_last)
+                t_last, images_since = now, 0
+                row = {"loss": mean_loss, "lr": plan.lr(state.step - 1, cfg),
+                       "images_per_s": ips, "momentum": momentum,
+                       **{k: float(v) for k, v in metrics.items()}}  # fmt: skip
+                if bar is not None:
+                    bar.update(state.step - bar.n)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{row['lr']:.3g}",
+                                    img_s=f"{ips:.0f}")  # fmt: skip
+            if state.step % cfg.run.checkpoint_every == 0 or done or stop:
+                final = _final_metrics(engine, method, cfg, world_size, speed) if done else {}
+                _save(engine, cfg, state, plan.total_steps, rank, final)
+            if done or stop:
+                break
+        else:
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            continue
+        break
+    if bar is not None:
+        bar.close()
+    if _Preempted.flag:
+        raise SystemExit("preempted: final checkpoint written")
+
+
+def _agree_to_stop() -> bool:
+    """True on every rank when any rank got SIGTERM (a one-int all_reduce per step)."""
+    flag = collectives.all_reduce_max(torch.tensor([1.0 if _Preempted.flag else 0.0]))
+    if flag.item() > 0:
+        _Preempted.flag = True
+    return _Preempted.flag
+
+
+class _Speed:
+    """Steady-state throughput: the clock starts after WARMUP steps of this invocation."""
+
+    WARMUP = 5
+
+    def __init__(self, start_step: int) -> None:
+        self.start_step, self.t0, self.images, self.steps = start_step, 0.0, 0, 0
+
+    def tick(self, step: int, global_images: int) -> None:
+        if step - self.start_step == self.WARMUP:
+            self.t0 = time.perf_counter()
+        elif step - self.start_step > self.WARMUP:
+            self.images += global_images
+            self.steps += 1
+
+    def summary(self) -> dict[str, float]:
+        secs = time.perf_counter() - self.t0 if self.steps else 0.0
+        return {"images_s": self.images / secs if secs else 0.0,
+                "step_ms": 1e3 * secs / self.steps if self.steps else 0.0}  # fmt: skip
+
+
+def _final_metrics(engine, method, cfg: Config, world_size: int, speed: _Speed) -> dict:
+    """Throughput and per-rank memory at the end of a run (max over ranks: a collective)."""
+    import resource
+
+    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    state_mb = zero.state_bytes(engine) / 2**20
+    peak = collectives.all_reduce_max(torch.tensor([rss_mb, state_mb], dtype=torch.float64))
+    formula = zero.zero_formula_bytes(method, cfg.zero.stage, world_size) / 2**20
+    return {**speed.summary(), "peak_rss_mb": peak[0].item(), "state_mb": peak[1].item(),
+            "zero_formula_mb": formula}  # fmt: skip
+
+
+def _save(engine, cfg: Config, state: ckpt.TrainState, total: int, rank: int,
+          extra: dict | None = None) -> None:  # fmt: skip
+    """Every rank writes its DeepSpeed shard into its own temp dir; Ray merges them into one
+    checkpoint. Rank 0 adds the consolidated encoder, the config and (last) the train state."""
+    with tempfile.TemporaryDirectory(prefix="ssl-dist-ckpt-") as tmp:
+        d = Path(tmp)
+        zero.save(engine, d / ckpt.DEEPSPEED_DIR, client_state={"step": state.step})
+        ckpt.save_rng(d, rank)
+        full = zero.consolidated_state_dict(engine)  # a collective under ZeRO-3: all ranks
+        if rank == 0:
+            assert full is not None
+            meta = {"method": cfg.method.name, "encoder": cfg.model.encoder,
+                    "step": str(state.step), "in_chans": str(cfg.data.channels),
+                    "image_size": str(cfg.data.image_size)}  # fmt: skip
+            ckpt.save_encoder(d / ckpt.ENCODER, ckpt.encoder_state(full), meta)
+            ckpt.write_atomic(d / "config.yaml", to_yaml(cfg))
+            ckpt.write_atomic(d / ckpt.STATE, state.to_json())
+        metrics = {"step": state.step, "epoch": state.epoch, "total_steps": total, **(extra or {})}
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def _progress(total: int, initial: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, unit="step", desc="pretrain", file=sys.stderr,
+                mininterval=1.0, disable=os.environ.get("SSL_DIST_NO_PROGRESS") == "1")  # fmt: skip
