@@ -522,8 +522,10 @@ def zero_formula_bytes(module: nn.Module, stage: int, world_size: int) -> int:
     4 bytes per parameter, plus 8 per trainable one (fp32 master copy under ZeRO and momentum;
     stage 0 updates the parameters in place, so 4). Stages 1-2 partition the optimizer part,
     stage 3 the parameters too."""
-    total = sum(p.numel() for p in module.parameters())
-    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    # Under ZeRO-3 a parameter's local tensor is empty; ds_numel holds its full size.
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in module.parameters()]
+    total = sum(n for n, _ in sizes)
+    trainable = sum(n for n, grad in sizes if grad)
     if stage == 0:
         return 4 * total + 4 * trainable
     if stage in (1, 2):
