@@ -104,7 +104,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 zero.set_lr(engine, plan.lr(state.step, cfg))
             x1, x2 = views(batch.images.to(device, non_blocking=True),
                            seed=view_seed(cfg.run.seed, state.epoch, i, rank))  # fmt: skip
-            loss, metrics = engine(x1, x2)
+            loss, _metrics = engine(x1, x2)  # method metrics: logged by tracking later
             engine.backward(loss)
             engine.step()
             state.batch_in_epoch = i + 1
@@ -116,20 +116,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             momentum = zero.momentum_update(method, state.step, plan.total_steps)
             done = state.step >= plan.total_steps
             stop = _agree_to_stop() or state.step == cfg.run.stop_at_step
-            if rank == 0 and "://" not in cfg.run.storage_path:
-                ckpt.write_progress(run_dir, state.step)
             if state.step % cfg.run.log_every == 0 or done:
+                if rank == 0 and "://" not in cfg.run.storage_path:
+                    ckpt.write_progress(run_dir, state.step)  # for "steps lost" after a restart
                 # all_reduce: a sync point on every rank (and a CPU-GPU sync on GPU).
                 mean_loss = collectives.all_reduce_mean(loss.detach().float()).item()
                 now = time.perf_counter()
                 ips = images_since * world_size / (now - t_last)
                 t_last, images_since = now, 0
-                row = {"loss": mean_loss, "lr": plan.lr(state.step - 1, cfg),
-                       "images_per_s": ips, "momentum": momentum,
-                       **{k: float(v) for k, v in metrics.items()}}  # fmt: skip
                 if bar is not None:
                     bar.update(state.step - bar.n)
-                    bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{row['lr']:.3g}",
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", m=f"{momentum:.4f}",
+                                    lr=f"{plan.lr(state.step - 1, cfg):.3g}",
                                     img_s=f"{ips:.0f}")  # fmt: skip
             if state.step % cfg.run.checkpoint_every == 0 or done or stop:
                 final = _final_metrics(engine, method, cfg, world_size, speed) if done else {}
