@@ -190,13 +190,18 @@ class TrackingConfig(_Strict):
     enabled: bool = True
     """Log to MLflow from rank 0."""
     uri: str | None = None
-    """MLflow tracking URI; default is a sqlite file in the run directory."""
+    """MLflow tracking URI (or $MLFLOW_TRACKING_URI); default: sqlite `<storage_path>/mlflow.db`."""
     experiment: str = "ssl-dist"
     """MLflow experiment name."""
     model_name: str = "ssl-encoder"
     """Registered model name for the final encoder."""
     alias: str = "latest"
-    """Alias set on the registered version."""
+    """Alias set on the registered version. `latest` is MLflow's own: `models:/name@latest` is
+    always the newest version, so nothing is set for it."""
+    knn_every_epochs: int = Field(1, ge=0)
+    """kNN accuracy on the val split every this many epochs and at the end (0: never)."""
+    knn_bank: int = Field(10000, ge=1)
+    """Most train samples in the kNN bank."""
 
 
 class RunConfig(_Strict):

@@ -34,3 +34,13 @@ def make_shards(tmp_path: Path):
         return out, manifest
 
     return make
+
+
+@pytest.fixture
+def mlflow_server(tmp_path_factory):
+    """A real `mlflow server` on 127.0.0.1 (sqlite, served artifacts), killed afterwards."""
+    from tests.mlflow_server import MlflowServer
+
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.kill()

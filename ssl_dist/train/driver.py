@@ -36,7 +36,7 @@ def connect(cfg: Config) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
-def build_trainer(cfg: Config):
+def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -51,7 +51,7 @@ def build_trainer(cfg: Config):
     # mypy sees Ray's V1 config classes (see pyproject); at run time these are the V2 ones.
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json")},
+        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id},
         torch_config=TorchConfig(
             backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.run.collective_timeout_s)
         ),
@@ -71,9 +71,8 @@ def build_trainer(cfg: Config):
 
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
-    keep = ("SSL_DIST_LOG", "SSL_DIST_NO_PROGRESS", "GLOO_SOCKET_IFNAME", "MLFLOW_TRACKING_URI",
-            "DS_ACCELERATOR")  # fmt: skip
-    env = {k: os.environ[k] for k in keep if k in os.environ}
+    keep = ("SSL_DIST_LOG", "SSL_DIST_NO_PROGRESS", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR")
+    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("MLFLOW_")}
     if not use_gpu:
         # DeepSpeed probes for an accelerator at import; pin its CPU one when no GPU is used.
         env.setdefault("DS_ACCELERATOR", "cpu")
@@ -91,6 +90,13 @@ def resolve_paths(cfg: Config) -> Config:
     if cfg.data.shards is not None:
         cfg.data.shards = [absolute(u) for u in cfg.data.shards]
     cfg.run.storage_path = _storage_path(cfg)
+    if cfg.tracking.enabled:
+        from ssl_dist.tracking import resolve_uri
+
+        try:
+            cfg.tracking.uri = resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     return cfg
 
 
@@ -129,7 +135,8 @@ def run_pretrain(cfg: Config) -> Path | str:
 
 
 def pretrain(cfg: Config) -> tuple[str, dict]:
-    """Train; return the final checkpoint's path and the final metrics."""
+    """Train, then log the encoder to MLflow and register it; return the final checkpoint's
+    path and the final metrics (with ``mlflow`` = run id, model URI and version, when logged)."""
     cfg = resolve_paths(cfg)
     open_shards(cfg.data)  # bad manifest / shard list: exit 2 here, before any worker starts
     check_continuation(cfg)
@@ -139,8 +146,16 @@ def pretrain(cfg: Config) -> tuple[str, dict]:
         zero.check_supported(cfg.zero, cfg.optim)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    from ssl_dist import tracking
+
+    run_id = tracking.start_run(cfg)
     connect(cfg)
-    result = build_trainer(cfg).fit()
+    result = build_trainer(cfg, run_id).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
-    return result.checkpoint.path, dict(result.metrics or {})
+    metrics = dict(result.metrics or {})
+    with result.checkpoint.as_directory() as d:
+        logged = tracking.finish_run(cfg, Path(d), metrics)
+    if logged:
+        metrics["mlflow"] = logged
+    return result.checkpoint.path, metrics

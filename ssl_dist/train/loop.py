@@ -88,6 +88,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                   file=sys.stderr)  # fmt: skip
         state.world_size = world_size
         state.resumed_at.append(state.step)
+    tracker = _Tracker(cfg, state, config.get("mlflow_run_id"), shards, views, device, rank)
 
     bar = _progress(plan.total_steps, state.step) if rank == 0 else None
     speed = _Speed(state.step)
@@ -104,7 +105,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 zero.set_lr(engine, plan.lr(state.step, cfg))
             x1, x2 = views(batch.images.to(device, non_blocking=True),
                            seed=view_seed(cfg.run.seed, state.epoch, i, rank))  # fmt: skip
-            loss, _metrics = engine(x1, x2)  # method metrics: logged by tracking later
+            loss, metrics = engine(x1, x2)
             engine.backward(loss)
             engine.step()
             state.batch_in_epoch = i + 1
@@ -124,22 +125,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 now = time.perf_counter()
                 ips = images_since * world_size / (now - t_last)
                 t_last, images_since = now, 0
+                tracker.step(state.step, {"loss": mean_loss, "lr": plan.lr(state.step - 1, cfg),
+                                          "images_s": ips, "momentum": momentum,
+                                          "epoch": state.epoch}, metrics)  # fmt: skip
                 if bar is not None:
                     bar.update(state.step - bar.n)
                     bar.set_postfix(loss=f"{mean_loss:.3f}", m=f"{momentum:.4f}",
                                     lr=f"{plan.lr(state.step - 1, cfg):.3g}",
                                     img_s=f"{ips:.0f}")  # fmt: skip
+            if done:
+                speed.pause(lambda: tracker.knn(method, state.step))
             if state.step % cfg.run.checkpoint_every == 0 or done or stop:
                 final = _final_metrics(engine, method, cfg, world_size, speed) if done else {}
-                _save(engine, cfg, state, plan.total_steps, rank, final)
+                _save(engine, cfg, state, plan.total_steps, rank, final, tracker)
             if done or stop:
                 break
         else:
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+            if state.epoch % max(cfg.tracking.knn_every_epochs, 1) == 0:
+                speed.pause(lambda: tracker.knn(method, state.step))
             continue
         break
     if bar is not None:
         bar.close()
+    tracker.close()
     if _Preempted.flag:
         raise SystemExit("preempted: final checkpoint written")
 
@@ -167,6 +176,13 @@ class _Speed:
             self.images += global_images
             self.steps += 1
 
+    def pause(self, work) -> None:
+        """Run `work` (evaluation) without counting its time as training time."""
+        t = time.perf_counter()
+        work()
+        if self.steps or self.t0:
+            self.t0 += time.perf_counter() - t
+
     def summary(self) -> dict[str, float]:
         secs = time.perf_counter() - self.t0 if self.steps else 0.0
         return {"images_s": self.images / secs if secs else 0.0,
@@ -186,7 +202,7 @@ def _final_metrics(engine, method, cfg: Config, world_size: int, speed: _Speed) 
 
 
 def _save(engine, cfg: Config, state: ckpt.TrainState, total: int, rank: int,
-          extra: dict | None = None) -> None:  # fmt: skip
+          extra: dict | None, tracker: _Tracker) -> None:  # fmt: skip
     """Every rank writes its DeepSpeed shard into its own temp dir; Ray merges them into one
     checkpoint. Rank 0 adds the consolidated encoder, the config and (last) the train state."""
     with tempfile.TemporaryDirectory(prefix="ssl-dist-ckpt-") as tmp:
@@ -201,7 +217,9 @@ def _save(engine, cfg: Config, state: ckpt.TrainState, total: int, rank: int,
                     "image_size": str(cfg.data.image_size)}  # fmt: skip
             ckpt.save_encoder(d / ckpt.ENCODER, ckpt.encoder_state(full), meta)
             ckpt.write_atomic(d / "config.yaml", to_yaml(cfg))
+            state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
             ckpt.write_atomic(d / ckpt.STATE, state.to_json())
+            tracker.checkpoint(d, state.step)
         metrics = {"step": state.step, "epoch": state.epoch, "total_steps": total, **(extra or {})}
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
@@ -211,3 +229,75 @@ def _progress(total: int, initial: int):
 
     return tqdm(total=total, initial=initial, unit="step", desc="pretrain", file=sys.stderr,
                 mininterval=1.0, disable=os.environ.get("SSL_DIST_NO_PROGRESS") == "1")  # fmt: skip
+
+
+class _Tracker:
+    """Rank 0's MLflow logging (a `RunLogger`), the per-epoch kNN monitor and system metrics.
+    On other ranks, and with tracking off, every method does nothing (kNN still gathers ZeRO-3
+    parameters on every rank, as that is a collective)."""
+
+    def __init__(self, cfg: Config, state: ckpt.TrainState, driver_run_id: str | None,
+                 shards, views, device: torch.device, rank: int) -> None:  # fmt: skip
+        from ssl_dist import tracking
+
+        self.cfg, self.views, self.device, self.rank = cfg, views, device, rank
+        self.num_classes = len(shards.manifest.classes)
+        self.enabled = cfg.tracking.enabled
+        self.logger = None
+        if self.enabled and rank == 0:
+            uri = tracking.resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
+            run_id = state.mlflow_run_id or driver_run_id
+            self.logger = tracking.RunLogger(cfg, uri, run_id)
+        self._proc: Any = None
+
+    @property
+    def run_id(self) -> str | None:
+        return self.logger.run_id if self.logger else None
+
+    def step(self, step: int, values: dict[str, float], method_metrics: dict) -> None:
+        if self.logger is None:
+            return
+        out = dict(values)
+        out.update({f"method/{k}": float(v) for k, v in method_metrics.items()})
+        out.update(self._system())
+        self.logger.metrics(step, out)
+
+    def _system(self) -> dict[str, float]:
+        import psutil
+
+        if self._proc is None:
+            self._proc = psutil.Process()
+            self._proc.cpu_percent()  # the first call only starts the measurement
+        out = {"system/cpu_percent": self._proc.cpu_percent(),
+               "system/rss_mb": self._proc.memory_info().rss / 2**20}  # fmt: skip
+        if self.device.type == "cuda":
+            out["system/gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
+        return out
+
+    def knn(self, method, step: int) -> None:
+        if not self.enabled or self.cfg.tracking.knn_every_epochs == 0:
+            return
+        from ssl_dist.evaluate.knn import knn_accuracy
+
+        encoder = method.encoder
+        with zero.gathered(list(encoder.parameters())):
+            if self.rank != 0:
+                return
+            t = time.perf_counter()
+            acc = knn_accuracy(encoder, self.cfg.data, self.views, self.num_classes,
+                               self.device, max_bank=self.cfg.tracking.knn_bank)  # fmt: skip
+            secs = time.perf_counter() - t
+        print(f"step {step}: kNN top-1 on {self.cfg.data.val_split} {acc:.1%} ({secs:.1f}s)",
+              file=sys.stderr)  # fmt: skip
+        if self.logger is not None:
+            self.logger.metrics(step, {"knn_top1": acc})
+
+    def checkpoint(self, directory: Path, step: int) -> None:
+        if self.logger is None:
+            return
+        files = [directory / ckpt.ENCODER, directory / "config.yaml", directory / ckpt.STATE]
+        self.logger.artifacts(files, f"checkpoints/step-{step:08d}")
+
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close(timeout_s=60.0)

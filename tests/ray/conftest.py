@@ -35,12 +35,13 @@ def local_ray():
 
 @pytest.fixture
 def tiny_cfg(digits_shards, tmp_path):
-    """``tiny_cfg(*overrides)``: the tiny recipe on digits shards, storage in tmp_path."""
+    """``tiny_cfg(*overrides)``: the tiny recipe on digits shards, storage in tmp_path, MLflow
+    off unless an override turns it on."""
 
     def make(*overrides: str):
         return load_config(
             "launch/recipes/tiny.yaml",
-            [f"data.manifest={digits_shards}/manifest.json",
+            [f"data.manifest={digits_shards}/manifest.json", "tracking.enabled=false",
              f"run.storage_path={tmp_path}/runs", *overrides],
         )  # fmt: skip
 

@@ -1,0 +1,532 @@
+"""MLflow tracking: one MLflow run per logical training run, written by rank 0 only.
+
+Who writes what:
+
+- the driver (`ssl-dist pretrain`) finds or creates the run before any worker starts, logs the
+  resolved config as params and the lineage tags; at the end it logs the figures and the encoder
+  as an MLflow model, and registers it under `tracking.model_name` with `tracking.alias`;
+- rank 0 of the workers logs per-step and per-epoch metrics, system metrics and the checkpoint
+  artifacts through `RunLogger`, a background thread with a bounded buffer, so that a slow or
+  dead tracking server never blocks a training step.
+
+A run is identified by the tag ``ssl_dist.run_key`` = ``<storage_path>/<run.name>``: a restart
+after a failure, or the same run name started again, finds the same MLflow run. Its id is also
+kept in every Ray checkpoint (`TrainState.mlflow_run_id`).
+
+Tracking targets: a sqlite database in the run storage folder by default (nothing to start), or
+any `http(s)://` tracking server; credentials come from MLflow's own environment variables
+(`MLFLOW_TRACKING_TOKEN`, `MLFLOW_TRACKING_USERNAME` / `MLFLOW_TRACKING_PASSWORD`, ...).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+RUN_KEY_TAG = "ssl_dist.run_key"
+HTTP_TIMEOUT_S = "5"
+"""Per-request timeout we set for MLflow's REST client unless the user set one."""
+
+
+def resolve_uri(uri: str | None, storage_path: str) -> str:
+    """The tracking URI to use: `uri`, else ``$MLFLOW_TRACKING_URI``, else a sqlite database
+    ``<storage_path>/mlflow.db`` (artifacts beside it in ``mlartifacts/``)."""
+    if uri:
+        return uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    if "://" in storage_path:
+        raise ValueError(
+            f"run.storage_path {storage_path!r} is remote: set tracking.uri (or "
+            "MLFLOW_TRACKING_URI) to a tracking server"
+        )
+    folder = Path(storage_path).expanduser().resolve()
+    return f"sqlite:///{folder / DEFAULT_DB}"
+
+
+def artifact_root(uri: str) -> str | None:
+    """Artifact location for new experiments in a sqlite store: a folder beside the database.
+    Servers choose their own (``--serve-artifacts``), so None there."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///") :]).parent / DEFAULT_ARTIFACTS).as_uri()
+    return None
+
+
+def bound_http_client() -> None:
+    """Cap MLflow's REST calls (default: 120 s timeout, 7 retries with backoff, i.e. minutes).
+    Our callers retry themselves; explicit user settings are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", HTTP_TIMEOUT_S)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+
+
+def client(uri: str):
+    """An `MlflowClient` for `uri` with bounded HTTP calls; a sqlite folder is created."""
+    from mlflow import MlflowClient
+
+    bound_http_client()
+    if uri.startswith("sqlite:///"):
+        Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(mlflow_client, name: str, uri: str) -> str:
+    """The id of experiment `name`, created (with a local artifact root on sqlite) if missing."""
+    exp = mlflow_client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return mlflow_client.create_experiment(name, artifact_location=artifact_root(uri))
+    except Exception:  # created meanwhile by another process
+        exp = mlflow_client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+def bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T | None:
+    """Run `fn` in a daemon thread; None (and a warning) if it fails or takes over `timeout_s`.
+    Nothing on the tracking path may stop or stall training."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["value"] = fn()
+        except BaseException as e:  # noqa: BLE001 (reported below, never raised)
+            box["error"] = e
+
+    t = threading.Thread(target=target, daemon=True, name=f"mlflow-{what}")
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        warnings.warn(f"MLflow: {what} took over {timeout_s:.0f}s; going on without it",
+                      stacklevel=2)  # fmt: skip
+        return None
+    if "error" in box:
+        e = box["error"]
+        warnings.warn(f"MLflow: {what} failed ({type(e).__name__}: {e}); going on without it",
+                      stacklevel=2)  # fmt: skip
+        return None
+    return box.get("value")
+
+
+# --------------------------------------------------------------------------------------------
+# The run: found by its key or created, with params and lineage tags
+
+
+def run_key(storage_path: str, name: str) -> str:
+    return f"{storage_path.rstrip('/')}/{name}"
+
+
+def _quote(value: str) -> str:
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def find_run(mlflow_client, exp_id: str, key: str):
+    """The run tagged with `key`, or None."""
+    found = mlflow_client.search_runs(
+        [exp_id], filter_string=f"tags.`{RUN_KEY_TAG}` = {_quote(key)}", max_results=1
+    )
+    return found[0] if found else None
+
+
+def lineage_tags(cfg) -> dict[str, str]:
+    """Tags that say what made the run: code, package versions, data, method, world size."""
+    from importlib import metadata
+
+    tags = {
+        "ssl_dist.method": cfg.method.name,
+        "ssl_dist.encoder": cfg.model.encoder,
+        "ssl_dist.world_size": str(cfg.scaling.num_workers),
+        "ssl_dist.data_manifest": cfg.data.manifest,
+    }
+    for pkg in ("ssl-dist", "torch", "ray", "deepspeed", "webdataset", "mlflow", "timm", "kornia"):
+        try:
+            tags[f"version.{pkg}"] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            tags[f"version.{pkg}"] = "not installed"
+    tags.update(git_tags())
+    digest = manifest_sha256(cfg.data.manifest)
+    if digest:
+        tags["ssl_dist.data_manifest_sha256"] = digest
+    return tags
+
+
+def git_tags() -> dict[str, str]:
+    """``git.sha`` and ``git.dirty`` of the checkout this package runs from (if it is one)."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    if not (root / ".git").exists():
+        return {}
+    try:
+        sha = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    return {"git.sha": sha, "git.dirty": str(bool(dirty)).lower()}
+
+
+def manifest_sha256(url: str) -> str | None:
+    import hashlib
+
+    import fsspec
+
+    try:
+        with fsspec.open(url, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except Exception:  # noqa: BLE001 (lineage is best effort; the stream reports bad manifests)
+        return None
+
+
+def _log_params(mlflow_client, run, params: dict[str, str]) -> None:
+    """Log params not yet on the run. MLflow params are write-once: a continued run whose
+    config changed keeps the first values, and the changes are recorded in a tag."""
+    from mlflow.entities import Param, RunTag
+
+    have = run.data.params
+    new = [Param(k, v[:6000]) for k, v in params.items() if k not in have]
+    changed = [f"{k}: {have[k]} -> {v}" for k, v in params.items() if k in have and have[k] != v]
+    for i in range(0, len(new), 100):
+        mlflow_client.log_batch(run.info.run_id, params=new[i : i + 100])
+    if changed:
+        tag = RunTag(f"ssl_dist.changed_at_resume_{len(run.data.tags)}", "; ".join(changed)[:5000])
+        mlflow_client.log_batch(run.info.run_id, tags=[tag])
+
+
+def find_or_create_run(cfg, uri: str) -> str:
+    """Id of this training run's MLflow run: found by its key, else created. Params (the
+    flattened config) and lineage tags are logged either way."""
+    from ssl_dist.config import flatten
+
+    c = client(uri)
+    exp_id = experiment_id(c, cfg.tracking.experiment, uri)
+    key = run_key(cfg.run.storage_path, cfg.run.name)
+    run = find_run(c, exp_id, key)
+    if run is None:
+        run = c.create_run(exp_id, run_name=cfg.run.name, tags={RUN_KEY_TAG: key})
+    elif run.info.status != "RUNNING":
+        c.update_run(run.info.run_id, status="RUNNING")
+    _log_params(c, run, {k: str(v) for k, v in flatten(cfg).items()})
+    c.set_tag(run.info.run_id, "ssl_dist.lineage", "see version.* and git.* tags")
+    for k, v in lineage_tags(cfg).items():
+        c.set_tag(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+START_TIMEOUT_S = 30.0
+
+
+def start_run(cfg) -> str | None:
+    """Driver side, before the workers start: the MLflow run id, or None when tracking is off or
+    unreachable (rank 0 then keeps trying in the background)."""
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
+    return bounded(lambda: find_or_create_run(cfg, uri), START_TIMEOUT_S, f"start run at {uri}")
+
+
+# --------------------------------------------------------------------------------------------
+# Rank 0 during training: a background thread with a bounded buffer
+
+
+class RunLogger:
+    """Non-blocking metric and artifact logging for rank 0.
+
+    `metrics()` and `artifacts()` only append to in-memory buffers; a daemon thread sends them.
+    When the server cannot be reached the thread warns once, keeps at most `max_metrics`
+    metric values (oldest dropped first, and counted) and the newest `max_artifact_sets`
+    artifact sets, and retries with backoff. If no run id is known yet (tracking was down when
+    the driver started) the thread finds or creates the run once the server answers.
+    """
+
+    def __init__(self, cfg, uri: str, run_id: str | None, max_metrics: int = 20000,
+                 max_artifact_sets: int = 2, retry_max_s: float = 10.0) -> None:  # fmt: skip
+        import collections
+        import tempfile
+
+        self.cfg, self.uri, self.run_id = cfg, uri, run_id
+        self.max_artifact_sets, self.retry_max_s = max_artifact_sets, retry_max_s
+        self._metrics: collections.deque = collections.deque(maxlen=max_metrics)
+        self._artifacts: list[tuple[Path, str]] = []
+        self._tmp = Path(tempfile.mkdtemp(prefix="ssl-dist-mlflow-"))
+        self._cond = threading.Condition()
+        self._closing = False
+        self._close_by = float("inf")
+        self.dropped_metrics = 0
+        self.dropped_artifacts = 0
+        self.sent_metrics = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, daemon=True, name="mlflow-logger")
+        self._thread.start()
+
+    # called from the training loop: never blocks on the network
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        with self._cond:
+            for k, v in values.items():
+                if len(self._metrics) == self._metrics.maxlen:
+                    self.dropped_metrics += 1
+                self._metrics.append(Metric(k, float(v), ts, step))
+            self._cond.notify()
+
+    def artifacts(self, files: list[Path], artifact_path: str) -> None:
+        """Copy `files` now (the caller may delete them) and upload them under `artifact_path`."""
+        import shutil
+
+        dest = self._tmp / artifact_path.replace("/", "__")
+        dest.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            shutil.copy2(f, dest / Path(f).name)
+        with self._cond:
+            self._artifacts.append((dest, artifact_path))
+            while len(self._artifacts) > self.max_artifact_sets:
+                old, _ = self._artifacts.pop(0)
+                shutil.rmtree(old, ignore_errors=True)
+                self.dropped_artifacts += 1
+            self._cond.notify()
+
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Send what is buffered within `timeout_s`; True when everything was sent."""
+        import shutil
+        import time
+
+        with self._cond:
+            self._closing = True
+            self._close_by = time.monotonic() + timeout_s
+            self._cond.notify()
+        self._thread.join(timeout_s)
+        with self._cond:
+            left = len(self._metrics) + len(self._artifacts)
+        if left or self.dropped_metrics or self.dropped_artifacts:
+            warnings.warn(f"MLflow: {left} buffered items not sent, {self.dropped_metrics} "
+                          f"metric values and {self.dropped_artifacts} checkpoint artifact sets "
+                          f"dropped while the server was unreachable (last error: "
+                          f"{self.last_error})", stacklevel=2)  # fmt: skip
+        if not self._thread.is_alive():
+            shutil.rmtree(self._tmp, ignore_errors=True)
+        return left == 0
+
+    # the sender thread
+    def _run(self) -> None:
+        import time
+
+        backoff = 0.5
+        while True:
+            with self._cond:
+                while not (self._metrics or self._artifacts or self._closing):
+                    self._cond.wait()
+                if self._closing and not (self._metrics or self._artifacts):
+                    return
+            try:
+                self._send()
+                if self._warned:
+                    print(f"MLflow: reachable again at {self.uri}; buffered metrics sent",
+                          flush=True)  # fmt: skip
+                    self._warned = False
+                backoff = 0.5
+            except Exception as e:  # noqa: BLE001 (tracking never breaks training)
+                self.failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"
+                if not self._warned:
+                    warnings.warn(
+                        f"MLflow: cannot log to {self.uri} ({type(e).__name__}: {e}); training "
+                        f"goes on, keeping up to {self._metrics.maxlen} metric values and "
+                        f"{self.max_artifact_sets} checkpoint artifact sets to retry",
+                        stacklevel=1,
+                    )
+                    self._warned = True
+                with self._cond:
+                    left = self._close_by - time.monotonic()
+                    if left <= 0:
+                        return  # close() reports what is left
+                    self._cond.wait(min(backoff, left))
+                backoff = min(backoff * 2, self.retry_max_s)
+
+    def _send(self) -> None:
+        import shutil
+
+        c = client(self.uri)
+        if self.run_id is None:
+            self.run_id = find_or_create_run(self.cfg, self.uri)
+        while True:
+            with self._cond:
+                batch = [self._metrics[i] for i in range(min(len(self._metrics), 1000))]
+            if not batch:
+                break
+            c.log_batch(self.run_id, metrics=batch)
+            sent = {id(m) for m in batch}
+            with self._cond:  # the deque may have dropped some of them meanwhile
+                while self._metrics and id(self._metrics[0]) in sent:
+                    self._metrics.popleft()
+                self.sent_metrics += len(batch)
+        while True:
+            with self._cond:
+                if not self._artifacts:
+                    break
+                folder, path = self._artifacts[0]
+            c.log_artifacts(self.run_id, str(folder), artifact_path=path)
+            with self._cond:
+                if self._artifacts and self._artifacts[0][0] == folder:
+                    self._artifacts.pop(0)
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Driver side at the end: figures, the encoder as an MLflow model, the registry
+
+FINISH_TIMEOUT_S = 300.0
+MODEL_NAME_IN_RUN = "encoder"
+
+
+def curves_figure(mlflow_client, run_id: str):
+    """Loss and learning-rate curves from the run's metric history (every restart included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key in zip(axes, ("loss", "lr"), strict=True):
+        hist = sorted(mlflow_client.get_metric_history(run_id, key), key=lambda m: m.step)
+        ax.plot([m.step for m in hist], [m.value for m in hist], lw=1)
+        ax.set_xlabel("step")
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def embedding_figure(features, labels, classes: list[str]):
+    """2-D PCA of the val split's features, coloured by class."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    x = features - features.mean(0)
+    _, _, v = torch.pca_lowrank(x, q=2, center=False)
+    xy = (x @ v[:, :2]).numpy()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    cmap = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for c, name in enumerate(classes):
+        sel = (labels == c).numpy()
+        ax.scatter(xy[sel, 0], xy[sel, 1], s=4, color=cmap(c % cmap.N), label=name)
+    ax.set_title("val split, encoder features (PCA)")
+    ax.legend(markerscale=3, fontsize=7, loc="best")
+    fig.tight_layout()
+    return fig
+
+
+def _encoder_and_example(cfg, checkpoint_dir: Path, max_samples: int = 2000):
+    """The trained encoder, val features/labels for the plot, and an input example."""
+    import torch
+
+    from ssl_dist.data.stream import open_shards
+    from ssl_dist.evaluate.knn import extract_features
+    from ssl_dist.models import build_encoder
+    from ssl_dist.train.checkpoint import ENCODER, load_encoder
+    from ssl_dist.train.parts import build_views
+
+    shards = open_shards(cfg.data)
+    views = build_views(cfg, shards.manifest)
+    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
+    encoder.load_state_dict(load_encoder(checkpoint_dir / ENCODER), strict=True)
+    encoder.eval()
+    feats, labels = extract_features(encoder, cfg.data, cfg.data.val_split, views,
+                                     max_samples=max_samples)  # fmt: skip
+    from ssl_dist.data.stream import stream
+
+    first = next(iter(stream(cfg.data, 0, 1, 0, split=cfg.data.val_split, partial=True)))
+    example = views.plain(first.images[:2])
+    with torch.no_grad():
+        out = encoder(example)
+    return feats, labels, shards.manifest.classes, example.numpy(), out.numpy()
+
+
+def finish_run(cfg, checkpoint_dir: Path, final_metrics: dict[str, float]) -> dict | None:
+    """Driver side, after training: figures, the MLflow model, the registered version + alias.
+
+    Bounded and never raising: returns ``{"run_id", "model_uri", "version"}`` or None.
+    """
+    if not cfg.tracking.enabled:
+        return None
+    uri = resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
+    return bounded(lambda: _finish(cfg, uri, Path(checkpoint_dir), final_metrics),
+                   FINISH_TIMEOUT_S, f"register the encoder at {uri}")  # fmt: skip
+
+
+def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from ssl_dist.train.checkpoint import ENCODER, TrainState
+
+    c = client(uri)
+    state = TrainState.read(ckpt)
+    run_id = state.mlflow_run_id or find_or_create_run(cfg, uri)
+    step = state.step
+    numeric = {k: float(v) for k, v in final_metrics.items() if isinstance(v, int | float)}
+    for k, v in numeric.items():
+        c.log_metric(run_id, f"final/{k}", v, step=step)
+    c.set_tag(run_id, "ssl_dist.resumed_at", ",".join(map(str, state.resumed_at)) or "none")
+    if step < int(final_metrics.get("total_steps", step)):
+        # A time-boxed segment (run.stop_at_step): the run goes on later under the same name.
+        c.set_tag(run_id, "ssl_dist.paused_at_step", str(step))
+        return {"run_id": run_id, "paused_at_step": step}
+    c.log_figure(run_id, curves_figure(c, run_id), "figures/loss_lr.png")
+    feats, labels, classes, example, out = _encoder_and_example(cfg, ckpt)
+    c.log_figure(run_id, embedding_figure(feats, labels, classes), "figures/embedding_pca.png")
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    code = Path(__file__).with_name("mlflow_model.py")
+    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+        info = mlflow.pyfunc.log_model(
+            name=MODEL_NAME_IN_RUN,
+            python_model=str(code),
+            artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
+            signature=infer_signature(example, out),
+            input_example=example,
+        )
+    version = mlflow.register_model(info.model_uri, cfg.tracking.model_name)
+    tags = {"ssl_dist.run_key": run_key(cfg.run.storage_path, cfg.run.name),
+            "ssl_dist.step": str(step), "ssl_dist.method": cfg.method.name,
+            "ssl_dist.data_manifest": cfg.data.manifest}  # fmt: skip
+    digest = manifest_sha256(cfg.data.manifest)
+    if digest:
+        tags["ssl_dist.data_manifest_sha256"] = digest
+    for k, v in tags.items():
+        c.set_model_version_tag(cfg.tracking.model_name, version.version, k, v)
+    if cfg.tracking.alias.lower() != "latest":
+        # MLflow reserves `latest`: `models:/name@latest` always resolves to the newest version.
+        c.set_registered_model_alias(cfg.tracking.model_name, cfg.tracking.alias, version.version)
+    c.set_terminated(run_id, "FINISHED")
+    return {"run_id": run_id, "model_uri": info.model_uri, "version": version.version,
+            "registered": f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"}  # fmt: skip
+
+
+def ui_command(uri: str) -> str:
+    """The command that opens the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {uri}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"

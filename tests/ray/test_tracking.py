@@ -1,0 +1,135 @@
+"""MLflow tracking of real 2-worker runs: a real `mlflow server` on 127.0.0.1, a run that is
+stopped, continued and has a worker killed (still one MLflow run), and tracking outages that
+must not stop training or damage its Ray checkpoints."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ssl_dist import tracking
+from ssl_dist.train.checkpoint import ENCODER, STATE, is_complete, load_encoder
+from ssl_dist.train.driver import pretrain
+from tests.mlflow_server import MlflowServer, free_port
+from tests.ray.test_fault_tolerance import _kill_a_worker_after_checkpoint
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+def _runs(uri: str, cfg):
+    c = tracking.client(uri)
+    exp = c.get_experiment_by_name(cfg.tracking.experiment)
+    key = tracking.run_key(cfg.run.storage_path, cfg.run.name)
+    return c.search_runs([exp.experiment_id], f"tags.`{tracking.RUN_KEY_TAG}` = '{key}'")
+
+
+def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflow_server):
+    uri = mlflow_server.uri
+    common = ["tracking.enabled=true", f"tracking.uri={uri}", "tracking.alias=candidate",
+              "tracking.model_name=tiny-encoder", "run.name=tracked", "run.max_steps=12",
+              "run.epochs=5", "run.checkpoint_every=2", "run.max_failures=1"]  # fmt: skip
+    # Segment 1: a time-boxed job stops at step 4 (checkpointed); nothing is registered yet.
+    _, first = pretrain(tiny_cfg(*common, "run.stop_at_step=4"))
+    assert first["mlflow"]["paused_at_step"] == 4
+    run_id = first["mlflow"]["run_id"]
+    # Segment 2: the same run name continues; a worker is killed after a checkpoint at >= 6.
+    cfg = tiny_cfg(*common)
+    killed: list = []
+    watcher = threading.Thread(target=_kill_a_worker_after_checkpoint,
+                               args=(Path(cfg.run.storage_path) / "tracked", 6, killed),
+                               daemon=True)  # fmt: skip
+    watcher.start()
+    path, metrics = pretrain(cfg)
+    watcher.join(timeout=5)
+    assert killed, "the run finished before a worker could be killed"
+    state = json.loads((Path(path) / STATE).read_text())
+    assert state["step"] == 12 and len(state["resumed_at"]) == 2, state
+    assert state["mlflow_run_id"] == run_id
+
+    runs = _runs(uri, cfg)
+    assert [r.info.run_id for r in runs] == [run_id], "restarts must not create new runs"
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["method.name"] == "simclr"
+    assert run.data.tags["ssl_dist.data_manifest_sha256"]
+    assert run.data.tags["git.sha"] and run.data.tags["version.ray"]
+    c = tracking.client(uri)
+    # A continuous step axis: every step 1..12 logged (steps redone after the kill, again).
+    steps = {m.step for m in c.get_metric_history(run_id, "loss")}
+    assert steps == set(range(1, 13))
+    assert {m.step for m in c.get_metric_history(run_id, "lr")} == steps
+    assert c.get_metric_history(run_id, "knn_top1"), "no kNN monitor value"
+    assert c.get_metric_history(run_id, "system/rss_mb")
+    ckpts = {a.path for a in c.list_artifacts(run_id, "checkpoints")}
+    assert {"checkpoints/step-00000004", "checkpoints/step-00000012"} <= ckpts
+    saved = c.download_artifacts(run_id, f"checkpoints/step-00000012/{ENCODER}")
+    final = load_encoder(Path(path) / ENCODER)
+    assert load_encoder(Path(saved)).keys() == final.keys()
+    figures = {a.path for a in c.list_artifacts(run_id, "figures")}
+    assert figures == {"figures/loss_lr.png", "figures/embedding_pca.png"}
+
+    version = c.get_model_version_by_alias("tiny-encoder", "candidate")
+    assert version.run_id == run_id and version.tags["ssl_dist.step"] == "12"
+    assert metrics["mlflow"]["registered"] == "models:/tiny-encoder@candidate"
+
+    # The registered model serves features through MLflow's own loader (no pickle involved).
+    import mlflow
+    import numpy as np
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pyfunc.load_model("models:/tiny-encoder@candidate")
+    x = np.zeros((2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), np.float32)
+    assert model.predict(x).shape == (2, 8)  # thin ResNet, last width 8
+
+
+def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path):
+    # 1. Nothing listens at the tracking URI: training runs and checkpoints as usual.
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={dead}", "run.name=down")
+    t = time.perf_counter()
+    with pytest.warns(UserWarning, match="MLflow"):
+        path, metrics = pretrain(cfg)
+    assert time.perf_counter() - t < 150
+    _intact(path, 4)
+    assert "mlflow" not in metrics
+
+    # 2. The server answers at first, then dies mid-run (SIGKILL, for good).
+    server = MlflowServer(tmp_path / "server").start()
+    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={server.uri}", "run.name=dies",
+                   "run.max_steps=40", "run.epochs=10", "run.checkpoint_every=10")  # fmt: skip
+    c = tracking.client(server.uri)
+
+    def kill_after_first_metrics() -> None:
+        deadline = time.time() + 200
+        while time.time() < deadline:
+            try:
+                runs = _runs(server.uri, cfg)
+                if runs and c.get_metric_history(runs[0].info.run_id, "loss"):
+                    server.kill()
+                    return
+            except Exception:  # noqa: BLE001 (not there yet)
+                pass
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_metrics, daemon=True)
+    killer.start()
+    try:
+        with pytest.warns(UserWarning, match="MLflow"):
+            path, metrics = pretrain(cfg)
+        killer.join(timeout=5)
+        assert server.proc is None, "the server was not killed during the run"
+        _intact(path, 40)
+        assert "mlflow" not in metrics
+    finally:
+        server.kill()
+
+
+def _intact(path, steps: int) -> None:
+    d = Path(path)
+    assert is_complete(d)
+    assert json.loads((d / STATE).read_text())["step"] == steps
+    assert load_encoder(d / ENCODER)
