@@ -85,6 +85,18 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     x = np.zeros((2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), np.float32)
     assert model.predict(x).shape == (2, 8)  # thin ResNet, last width 8
 
+    # The downstream job picks the version up by alias; its run links back to it.
+    from ssl_dist.evaluate.finetune import run_finetune
+
+    data_dir = Path(cfg.data.manifest).parent
+    probe = run_finetune("models:/tiny-encoder@candidate", data_dir, "linear", tracking_uri=uri)
+    assert 0.1 < probe["top1"] <= 1.0
+    linked = c.get_run(probe["mlflow_run_id"])
+    assert linked.data.tags["ssl_dist.source_model_version"] == version.version
+    assert linked.data.tags["ssl_dist.source_run_id"] == run_id
+    tagged = c.get_model_version("tiny-encoder", version.version).tags
+    assert float(tagged["linear_top1"]) == pytest.approx(probe["top1"])
+
 
 def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path):
     # 1. Nothing listens at the tracking URI: training runs and checkpoints as usual.
