@@ -39,16 +39,27 @@ What was checked against DeepSpeed 0.19 on its CPU accelerator (gloo), in
   its dynamic loss scale starts at 2**16 and skips overflowing steps, so it is not validated
   here. Under bf16 / fp16 the whole module, momentum encoder included, is cast to 16 bit: EMA
   updates with ``m`` close to 1 then lose most of their increment to rounding. Use fp32 on CPU.
-* A ZeRO 1-3 checkpoint can only be resumed by the same number of ranks (:func:`load` says so
-  instead of DeepSpeed's stage-3 tensor-size error); stage-0 checkpoints load at any size.
+* DeepSpeed only resumes a ZeRO 1-3 checkpoint with the number of ranks that wrote it (stages
+  1-2 raise, stage 3 fails on tensor sizes); stage-0 checkpoints load at any size.
+  ``load(..., reshard=True)`` re-partitions a ZeRO 1-3 checkpoint for another world size (see
+  :func:`load_resharded`); without it :func:`load` refuses with a clear error.
+* DeepSpeed's own way to change the world size, the universal checkpoint (``ds_to_universal``
+  then ``checkpoint.load_universal``), does not fit here: its converter only knows Adam's
+  ``exp_avg`` / ``exp_avg_sq`` (KeyError on SGD's ``momentum_buffer``), and its loader restores
+  only the optimizer's parameters, so frozen parameters (the momentum encoder) and buffers (the
+  MoCo queue, BN statistics) would be lost. :func:`load_resharded` reads the per-rank files
+  directly instead, for any element-wise optimizer state.
 """
 
 from __future__ import annotations
 
+import math
 import os
+import re
 import socket
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -387,11 +398,13 @@ def save(
     return tag
 
 
-def load(engine: DeepSpeedEngine, directory: str | Path, tag: str | None = None) -> dict[str, Any]:
+def load(
+    engine: DeepSpeedEngine, directory: str | Path, tag: str | None = None, reshard: bool = False
+) -> dict[str, Any]:
     """Restore module, optimizer (and scheduler) state written by :func:`save`.
 
     Every rank must call it, with the same ZeRO stage as when it was saved and, for stages
-    1-3, the same number of ranks (DeepSpeed's ZeRO shards are per rank).
+    1-3, the same number of ranks (DeepSpeed's ZeRO shards are per rank) unless ``reshard``.
 
     Trust boundary: DeepSpeed reads its own files with ``torch.load(weights_only=False)`` (it
     passes that explicitly, so torch >= 2.6's safe default does not apply and no safe-globals
@@ -402,25 +415,28 @@ def load(engine: DeepSpeedEngine, directory: str | Path, tag: str | None = None)
         engine: A freshly built engine of the same model and config.
         directory: Checkpoint root given to :func:`save`.
         tag: Which checkpoint; default the one named in ``directory/latest``.
+        reshard: A ZeRO 1-3 checkpoint saved by another number of ranks is re-partitioned for
+            this one (:func:`load_resharded`) instead of refused.
 
     Returns:
         The ``client_state`` given to :func:`save`.
 
     Raises:
         FileNotFoundError: no checkpoint there.
-        ValueError: a ZeRO checkpoint saved by a different number of ranks (DeepSpeed cannot
-            re-partition the optimizer state: stages 1-2 raise a ZeRORuntimeException, stage 3
-            fails with a tensor-size mismatch). Stage-0 checkpoints load at any world size;
-            otherwise restart from :func:`state_dict_from_checkpoint` weights with a fresh
-            optimizer, or convert with DeepSpeed's universal-checkpoint tool.
+        ValueError: a ZeRO checkpoint saved by a different number of ranks and ``reshard`` is
+            off (DeepSpeed cannot re-partition the optimizer state: stages 1-2 raise a
+            ZeRORuntimeException, stage 3 fails with a tensor-size mismatch). Stage-0
+            checkpoints load at any world size.
     """
     root, name = _checkpoint_dir(directory, tag)
     saved = _model_states(root / name).get("dp_world_size")
     current = engine.dp_world_size
     if engine.zero_optimization_stage() > 0 and saved is not None and saved != current:
+        if reshard:
+            return load_resharded(engine, root, name)
         raise ValueError(
             f"checkpoint {name!r} in {root} was saved by {saved} ranks under ZeRO; it can only "
-            f"be resumed by {saved} ranks, not {current}"
+            f"be resumed by {saved} ranks, not {current} (or load it with reshard=True)"
         )
     path, state = engine.load_checkpoint(
         str(root), tag=name, load_optimizer_states=True, load_lr_scheduler_states=True
@@ -490,6 +506,313 @@ def state_dict_from_checkpoint(directory: str | Path, tag: str | None = None) ->
         if key not in sd and value.numel() > 0:
             sd[key] = value
     return {k: v.float() if v.is_floating_point() else v for k, v in sd.items()}
+
+
+# --- Re-sharding a ZeRO 1-3 checkpoint for another world size -------------------------------
+#
+# What DeepSpeed 0.19 writes per rank r (``zero_pp_rank_{r}_mp_rank_00_optim_states.pt``,
+# ``bf16_`` prefixed under bf16), under ``optimizer_state_dict``:
+#   stages 1-2: ``base_optimizer_state`` (the torch optimizer's state_dict: one flat tensor per
+#     param group, padded to the partition size) and ``param_slice_mappings`` (per group:
+#     parameter name -> (start, numel) of its fragment in rank r's flat partition). A
+#     parameter's elements lie in consecutive ranks, so its fragments in rank order are the
+#     parameter, flattened.
+#   stage 3: ``optimizer_state_dict`` (one flat tensor per sub-group) and, in each rank's
+#     model-states file, ``param_shapes`` (per sub-group, in flat order). Every rank holds
+#     ceil(numel / W) elements of every parameter, one after the other; rank r's slice of a
+#     parameter is elements [r * ceil, (r + 1) * ceil) of it, zero-padded at the end.
+# The live engine is laid out the same way (``_Piece`` below); both sides go through the
+# parameter's full flattened tensor, so the old and new world sizes are independent.
+
+_OPTIM_FILE = re.compile(r"(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_00_optim_states\.pt$")
+
+
+@dataclass(frozen=True)
+class _Piece:
+    """The elements of one trainable parameter that this rank's flat fp32 partition holds."""
+
+    name: str
+    flat: Tensor
+    """This rank's flat fp32 partition of the parameter's (sub-)group (the optimizer's param)."""
+    flat_start: int
+    full_start: int
+    """Offset of the piece in the flattened full parameter."""
+    length: int
+
+
+def _zero_optimizer(engine: DeepSpeedEngine) -> Any:
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    opt = engine.optimizer
+    if engine.fp16_enabled() or not isinstance(
+        opt, DeepSpeedZeroOptimizer | DeepSpeedZeroOptimizer_Stage3
+    ):
+        raise ValueError(
+            f"re-sharding supports DeepSpeed's ZeRO 1-3 optimizers under fp32 or bf16, not "
+            f"{type(opt).__name__}{' under fp16' if engine.fp16_enabled() else ''}"
+        )
+    if getattr(opt, "swap_optimizer", False):
+        raise ValueError("re-sharding does not support NVMe-offloaded optimizer state")
+    return opt
+
+
+def _flat_groups(engine: DeepSpeedEngine) -> list[tuple[Tensor, list[nn.Parameter]]]:
+    """Per (sub-)group: this rank's flat fp32 partition and the group's trainable parameters."""
+    opt = _zero_optimizer(engine)
+    if engine.zero_optimization_stage() == 3:
+        return list(zip(opt.fp32_partitioned_groups_flat, opt.fp16_groups, strict=True))
+    return list(zip(opt.single_partition_of_fp32_groups, opt.bit16_groups, strict=True))
+
+
+def _pieces(engine: DeepSpeedEngine, names: Mapping[int, str]) -> list[_Piece]:
+    opt = _zero_optimizer(engine)
+    stage3 = engine.zero_optimization_stage() == 3
+    rank = dist.get_rank(group=opt.dp_process_group)
+    out = []
+    for flat, params in _flat_groups(engine):
+        for p in params:
+            if stage3:
+                _, start, per_rank = opt.grad_position[opt.get_param_id(p)]
+                full_start = rank * per_rank
+                length = max(0, min(per_rank, getattr(p, "ds_numel", 0) - full_start))
+                if length:
+                    out.append(_Piece(names[id(p)], flat, start, full_start, length))
+            elif (mapping := getattr(p, "_hp_mapping", None)) is not None:
+                hp, lp = mapping.hp_fragment_address, mapping.lp_fragment_address
+                out.append(_Piece(names[id(p)], flat, hp.start, lp.start, lp.numel))
+    return out
+
+
+def _is_partitioned_state(value: Any) -> bool:
+    """Element-wise optimizer state (momentum, Adam moments) versus per-group scalars (step)."""
+    return isinstance(value, Tensor) and value.dim() > 0
+
+
+def _group_states(optimizer_state: Any) -> list[dict[str, Any]]:
+    """The state of each flat (sub-)group, in order, from a torch state_dict (or the lean list
+    that ZeRO 1-2 write with ``elastic_checkpoint``)."""
+    if isinstance(optimizer_state, list):
+        return [dict(s) for s in optimizer_state]
+    state = optimizer_state["state"]
+    return [dict(state.get(i, {})) for g in optimizer_state["param_groups"] for i in g["params"]]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return torch.equal(a, b)
+    return bool(a == b)
+
+
+def _saved_optimizer_state(
+    ckpt: Path,
+) -> tuple[int, dict[str, dict[str, Tensor]], dict[str, dict[str, Any]]]:
+    """Consolidate a checkpoint's ZeRO optimizer state per parameter, whatever its world size.
+
+    Returns ``(stage, tensors, scalars)``: ``tensors[name][key]`` is the full flattened state
+    ``key`` (e.g. ``momentum_buffer``, ``exp_avg``) of trainable parameter ``name``;
+    ``scalars[name][key]`` the per-group values (e.g. AdamW's ``step``) of its group.
+    """
+    found: dict[int, Path] = {}
+    for f in ckpt.iterdir():
+        m = _OPTIM_FILE.match(f.name)
+        if m:
+            found[int(m.group(1))] = f
+    world = len(found)
+    if not world or sorted(found) != list(range(world)):
+        raise FileNotFoundError(f"{ckpt} holds no complete set of ZeRO optimizer files")
+    shapes: list[Mapping[str, Any]] = []
+    pieces: dict[str, dict[str, list[Tensor]]] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    stage = 0
+
+    def add(name: str, state: Mapping[str, Any], start: int, length: int) -> None:
+        mine = scalars.setdefault(name, {})
+        for key, value in state.items():
+            if _is_partitioned_state(value):
+                pieces.setdefault(name, {}).setdefault(key, []).append(
+                    value.narrow(0, start, length)
+                )
+            elif key in mine and not _same(mine[key], value):
+                raise ValueError(f"optimizer state {key!r} of {name} differs between ranks")
+            else:
+                mine[key] = value
+
+    for rank in range(world):
+        # weights_only=False: DeepSpeed pickles its own objects in here (see load()).
+        osd = torch.load(found[rank], map_location="cpu", weights_only=False, mmap=True)
+        osd = osd["optimizer_state_dict"]
+        stage = int(osd["zero_stage"])
+        if stage == 3:
+            if not shapes:
+                shapes = _model_states(ckpt)["param_shapes"]
+            groups = _group_states(osd["optimizer_state_dict"])
+            if len(groups) != len(shapes):
+                raise ValueError(f"{ckpt}: {len(groups)} optimizer groups, {len(shapes)} shapes")
+            for state, group_shapes in zip(groups, shapes, strict=True):
+                offset = 0
+                for name, shape in group_shapes.items():
+                    numel = math.prod(shape)
+                    per_rank = -(-numel // world)
+                    add(name, state, offset, max(0, min(per_rank, numel - rank * per_rank)))
+                    offset += per_rank
+        else:
+            groups = _group_states(osd["base_optimizer_state"])
+            for state, mapping in zip(groups, osd["param_slice_mappings"], strict=True):
+                for name, address in mapping.items():
+                    add(name, state, address.start, address.numel)
+    tensors = {n: {k: torch.cat(v) for k, v in keys.items()} for n, keys in pieces.items()}
+    return stage, tensors, scalars
+
+
+def _load_module_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
+    """Copy a full state dict into the module in place, gathering ZeRO-3 parameters (every
+    rank must call it with the same values)."""
+    missing: list[str] = []
+
+    def copy(target: Tensor, key: str) -> None:
+        if key not in state:
+            missing.append(key)
+            return
+        with torch.no_grad():
+            target.copy_(state[key].reshape(target.shape))
+
+    def walk(mod: nn.Module, prefix: str) -> None:
+        own = list(mod.parameters(recurse=False))
+        with gathered(own, modifier_rank=0):
+            for name, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+                copy(p.data, prefix + name)
+        for name, b in mod.named_buffers(recurse=False, remove_duplicate=False):
+            if name not in mod._non_persistent_buffers_set:
+                copy(b.data, prefix + name)
+        for name, child in mod.named_children():
+            walk(child, f"{prefix}{name}.")
+
+    walk(module, "")
+    if missing:
+        raise KeyError(f"the checkpoint lacks {len(missing)} module entries: {missing[:5]}")
+
+
+def load_resharded(engine: DeepSpeedEngine, directory: str | Path, tag: str | None = None) -> dict:
+    """:func:`load` for a ZeRO 1-3 checkpoint written by any number of ranks.
+
+    Every rank reads every rank's files (memory-mapped) and rebuilds, per parameter, the full
+    fp32 master weights and the full element-wise optimizer state; it then keeps the slices
+    that its partition in ``engine`` owns. Module weights, frozen parameters (momentum
+    encoders) and buffers (the MoCo queue, BN statistics) come from
+    :func:`state_dict_from_checkpoint`; DeepSpeed's step counters and the client state from the
+    model-states file. Exact: values are copied, never recomputed. Works for any world size,
+    including the one that wrote the checkpoint. Relies on the partition layout of DeepSpeed's
+    ZeRO optimizers (the attributes its universal checkpoint uses too), checked against 0.19.8
+    by ``tests/dist/test_zero_reshard.py``.
+
+    Every rank must call it. Same trust boundary as :func:`load`.
+
+    Raises:
+        ValueError: fp16 (its loss-scaler state is not carried), a stage-3 checkpoint into a
+            stage-1/2 engine or the reverse, or state that does not fit the engine's model.
+    """
+    root, name = _checkpoint_dir(directory, tag)
+    ckpt = root / name
+    opt = _zero_optimizer(engine)
+    saved_stage, tensors, scalars = _saved_optimizer_state(ckpt)
+    if (saved_stage == 3) != (engine.zero_optimization_stage() == 3):
+        raise ValueError(
+            f"checkpoint {name!r} was written under ZeRO-{saved_stage}; this engine runs "
+            f"ZeRO-{engine.zero_optimization_stage()}"
+        )
+    full = state_dict_from_checkpoint(root, name)
+    _load_module_state(engine.module, full)
+
+    names = {id(p): n for n, p in engine.module.named_parameters()}
+    base = opt.optimizer
+    with torch.no_grad():  # the flat fp32 partitions are leaves that require grad
+        for flat, params in _flat_groups(engine):
+            state = base.state[flat]
+            state.clear()
+            for key in sorted({k for p in params for k in tensors.get(names[id(p)], {})}):
+                state[key] = torch.zeros_like(flat)
+            group = [scalars[names[id(p)]] for p in params if names[id(p)] in scalars]
+            for key, value in (group[0] if group else {}).items():
+                state[key] = value.clone() if isinstance(value, Tensor) else value
+        for piece in _pieces(engine, names):
+            numel = math.prod(full[piece.name].shape)
+            for key, src in [
+                ("", full[piece.name].reshape(-1)),
+                *tensors.get(piece.name, {}).items(),
+            ]:
+                if src.numel() != numel:
+                    raise ValueError(f"{piece.name}: saved {key or 'weights'} has {src.numel()} "
+                                     f"elements, the parameter {numel}")  # fmt: skip
+                dst = piece.flat if not key else base.state[piece.flat][key]
+                dst.narrow(0, piece.flat_start, piece.length).copy_(
+                    src.narrow(0, piece.full_start, piece.length)
+                )
+    if hasattr(opt, "_hp_optimizer_states_linked"):
+        opt._hp_optimizer_states_linked = False  # ZeRO 1-2: re-link fragments to the new state
+
+    states = _model_states(ckpt)
+    engine.global_steps = int(states["global_steps"])
+    engine.global_samples = int(states.get("global_samples", 0))
+    engine.skipped_steps = int(states.get("skipped_steps", 0))
+    return dict(states.get(CLIENT_STATE_KEY) or {})
+
+
+def consolidated_optimizer_state(engine: DeepSpeedEngine) -> dict[str, dict[str, Tensor]] | None:
+    """The optimizer state per trainable parameter, whole, on rank 0 (``None`` elsewhere).
+
+    ``{name: {key: tensor}}``: element-wise state (``momentum_buffer``, ``exp_avg``...) in the
+    parameter's shape (float32, CPU), per-group scalars (AdamW's ``step``) as they are. A view
+    independent of the world size, to compare runs; every rank must call it (one all-reduce per
+    state key under ZeRO 1-3). Stage 0 reads the client optimizer directly.
+    """
+    module: nn.Module = engine.module
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    rank0 = dist.get_rank() == 0
+
+    def copy(value: Any) -> Any:
+        return value.detach().to("cpu", copy=True) if isinstance(value, Tensor) else value
+
+    if engine.zero_optimization_stage() == 0:
+        if not rank0:
+            return None
+        state = engine.optimizer.state
+        return {n: {k: copy(v) for k, v in state[p].items()} for n, p in trainable}
+    base = _zero_optimizer(engine).optimizer
+    names = {id(p): n for n, p in trainable}
+    groups = _flat_groups(engine)
+    local = {k for flat, _ in groups for k, v in base.state[flat].items()
+             if _is_partitioned_state(v)}  # fmt: skip
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(local))
+    keys = sorted({k for ks in every for k in ks})
+    sizes = {n: getattr(p, "ds_numel", p.numel()) for n, p in trainable}
+    offsets, total = {}, 0
+    for n, size in sizes.items():
+        offsets[n], total = total, total + size
+    out: dict[str, dict[str, Tensor]] = {n: {} for n in sizes}
+    pieces = _pieces(engine, names)
+    for key in keys:
+        buf = torch.zeros(total, dtype=torch.float32, device=groups[0][0].device)
+        for piece in pieces:
+            src = base.state[piece.flat].get(key)
+            if src is not None:
+                start = offsets[piece.name] + piece.full_start
+                buf.narrow(0, start, piece.length).copy_(
+                    src.narrow(0, piece.flat_start, piece.length)
+                )
+        dist.all_reduce(buf)  # every element is owned by exactly one rank
+        if rank0:
+            for n, p in trainable:
+                shape = getattr(p, "ds_shape", p.shape)
+                out[n][key] = buf.narrow(0, offsets[n], sizes[n]).reshape(shape).cpu().clone()
+    if not rank0:
+        return None
+    for flat, params in groups:
+        scalars = {k: v for k, v in base.state[flat].items() if not _is_partitioned_state(v)}
+        for p in params:
+            out[names[id(p)]].update({k: copy(v) for k, v in scalars.items()})
+    return out
 
 
 def state_bytes(engine: DeepSpeedEngine) -> int:

@@ -3,7 +3,8 @@
 Layout of one checkpoint directory (every rank writes its own DeepSpeed files into it)::
 
     deepspeed/            engine.save_checkpoint: model, optimizer shards, MoCo queue buffers
-    train_state.json      step, epoch, batch in epoch, world size it was saved with, run id slot
+    train_state.json      step, epoch, batch in epoch, world size it was saved with (and its
+                          history), run id slot
     encoder.safetensors   fp32 online encoder, consolidated on rank 0 (safe to hand between jobs)
     config.yaml           the resolved run config
     rng-rank{r}.safetensors   each rank's torch RNG state
@@ -40,6 +41,10 @@ class TrainState:
     """The tracking run this training belongs to (kept across restarts)."""
     resumed_at: list[int] = field(default_factory=list)
     """Steps from which this run was resumed (restarts after failures, continued runs)."""
+    world_sizes: list[list[int]] = field(default_factory=list)
+    """``[step, world size]`` at the start and wherever the world size changed (elastic runs);
+    the first entry's size fixes the run's step plan (and, under ``keep_global_batch``, its
+    global batch)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -1,4 +1,26 @@
-"""`ssl-dist pretrain`: build a Ray Train V2 TorchTrainer from the config and run it."""
+"""`ssl-dist pretrain`: build a Ray Train V2 TorchTrainer from the config and run it.
+
+Elastic runs (``scaling.num_workers: [min, max]`` -> ``ScalingConfig(num_workers=(min, max))``),
+as Ray 2.60's Train V2 implements them (``ray/train/v2/_internal/execution/scaling_policy/
+elastic.py``):
+
+* The controller asks Ray's AutoscalingCoordinator for ``max`` workers' resources and starts the
+  group with as many workers as the resources reserved for it allow (at least ``min``; below
+  that it waits). The coordinator refreshes its view of the cluster's nodes every 20 s.
+* While the group runs, the policy compares that count with the group's size every
+  ``elastic_resize_monitor_interval_s`` (Ray's default 60 s; here
+  ``$SSL_DIST_ELASTIC_RESIZE_INTERVAL_S``); on a change (a node joined) it shuts the group down
+  and starts one of the new size, whose workers resume from the last reported checkpoint.
+* A node that leaves kills its workers: that is a worker-group failure, retried within
+  ``run.max_failures`` (a drained / preempted node is charged to Ray's separate, unlimited,
+  preemption budget instead), and the restart is sized by the same resource count, so the group
+  comes back smaller. The count can lag by up to the coordinator's 20 s: a restart may first ask
+  for the old size and wait ``$RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S`` (default 60 s) for
+  resources that are gone, then retry at the new size (controller retries are unlimited).
+* Steps since the last checkpoint are lost on every resize; ``run.checkpoint_every`` bounds
+  them. The training loop re-shards the ZeRO state and adapts the batch, learning rate and stream
+  position (see :mod:`ssl_dist.train.loop`).
+"""
 
 from __future__ import annotations
 
@@ -36,6 +58,45 @@ def connect(cfg: Config) -> None:
         ray.init(include_dashboard=False, log_to_driver=True)
 
 
+ELASTIC_RESIZE_INTERVAL_ENV = "SSL_DIST_ELASTIC_RESIZE_INTERVAL_S"
+"""Seconds between Ray Train's checks for a new worker count in an elastic run (Ray: 60)."""
+
+
+def _scaling(cfg: Config) -> dict:
+    """ScalingConfig arguments for the worker count: fixed, or elastic (min, max)."""
+    n = cfg.scaling.num_workers
+    if isinstance(n, int):
+        return {"num_workers": n}
+    interval = float(os.environ.get(ELASTIC_RESIZE_INTERVAL_ENV, "60"))
+    return {"num_workers": tuple(n), "elastic_resize_monitor_interval_s": interval}
+
+
+def check_elastic(cfg: Config) -> None:
+    """Refuse (exit 2) an elastic range that the method cannot train at every size; warn when a
+    node leaving would end the run."""
+    n = cfg.scaling.num_workers
+    if isinstance(n, int):
+        return
+    if cfg.method.name == "moco_v2" and cfg.method.gather:
+        bad = [
+            w for w in range(n[0], n[1] + 1) if cfg.method.queue_size % (cfg.data.batch_size * w)
+        ]
+        if bad:
+            raise ConfigError(
+                f"method.queue_size={cfg.method.queue_size} must be a multiple of the global batch "
+                f"(data.batch_size={cfg.data.batch_size} x workers) at every size of "
+                f"scaling.num_workers={list(n)}; it is not at {bad}"
+            )
+    if cfg.run.max_failures == 0:
+        import warnings
+
+        warnings.warn(
+            "elastic run with run.max_failures=0: a node that leaves fails its workers, which "
+            "ends the run instead of restarting it smaller; set run.max_failures",
+            stacklevel=2,
+        )
+
+
 def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -47,7 +108,7 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
         raise ConfigError(
             f"zero.precision={cfg.zero.precision} needs GPUs; this run has none: use fp32"
         )
-    num_workers = cfg.scaling.num_workers
+    check_elastic(cfg)
     # mypy sees Ray's V1 config classes (see pyproject); at run time these are the V2 ones.
     return TorchTrainer(
         train_loop_per_worker,
@@ -56,7 +117,7 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
             backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.run.collective_timeout_s)
         ),
         scaling_config=ScalingConfig(
-            num_workers=num_workers if isinstance(num_workers, int) else tuple(num_workers),
+            **_scaling(cfg),
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
         ),

@@ -3,11 +3,34 @@
 Reads top to bottom: context -> data, views, method -> DeepSpeed engine -> resume -> epochs of
 steps -> checkpoints. Every rank runs the same number of steps (the stream guarantees it), so the
 collectives inside the loss, the engine and the checkpoint never wait on a missing rank.
+
+Elastic runs (``scaling.num_workers: [min, max]``): Ray Train restarts the worker group at a new
+size from the last checkpoint, and this loop carries on from there (:func:`_elastic_plan`,
+:func:`_resize`):
+
+* ZeRO 1-3 state is re-partitioned for the new world size (``zero.load(..., reshard=True)``);
+  model, momentum encoder, buffers (the MoCo v2 queue) and optimizer state carry over exactly.
+* The run keeps the step count it planned at its first world size (``run.max_steps`` when set,
+  else ``epochs`` x steps per epoch at that size), so the learning-rate and momentum schedules
+  keep their length. ``keep_per_worker_batch``: the global batch follows the world size and the
+  peak learning rate is rescaled with it (``optim.lr_scaling``); an epoch-based plan then sees
+  more (grown) or fewer (shrunk) samples than ``run.epochs`` passes. ``keep_global_batch``:
+  gradient accumulation makes up the first size's global batch (refused if it does not divide),
+  so learning rate and samples per step stay the same.
+* The stream position is approximate: ``batch_in_epoch`` counted the old split's micro-batches;
+  at the new size the run skips ``batch_in_epoch * old_size // new_size`` micro-batches (rounded
+  down to whole optimizer steps), about as many samples of the epoch as were consumed. The new
+  split deals the shards differently, so within this epoch some samples are seen twice and some
+  not at all; later epochs are exact again.
+* ``TrainState.world_sizes`` records ``[step, size]`` at the start and at every change; MLflow
+  gets a ``world_size`` metric at every (re)start and the history as a run tag.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import json
 import logging
 import os
 import signal
@@ -24,7 +47,7 @@ from ssl_dist.config import Config, to_yaml
 from ssl_dist.data.stream import open_shards, stream
 from ssl_dist.dist import collectives, zero
 from ssl_dist.train import checkpoint as ckpt
-from ssl_dist.train.parts import build_model, build_views, plan_steps, view_seed
+from ssl_dist.train.parts import StepPlan, build_model, build_views, plan_steps, view_seed
 
 log = logging.getLogger(__name__)
 
@@ -60,39 +83,41 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = _device(cfg)
 
     shards = open_shards(cfg.data)
-    plan = plan_steps(cfg, shards, world_size)
-    views = build_views(cfg, shards.manifest).to(device)
-    method = build_model(cfg).to(device)
-    engine = zero.build_engine(
-        method, cfg.zero, cfg.optim, cfg.data.batch_size, world_size, plan.peak_lr
-    )
-
-    state = ckpt.TrainState(world_size=world_size)
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt.TrainState.read(Path(d))
-            if state.world_size != world_size and cfg.zero.stage > 0:
-                raise RuntimeError(
-                    f"checkpoint was written by {state.world_size} workers under ZeRO-"
-                    f"{cfg.zero.stage}; its optimizer partitions do not fit {world_size} workers"
-                )
-            zero.load(engine, Path(d) / ckpt.DEEPSPEED_DIR)
-            ckpt.load_rng(Path(d), rank)
-        if rank == 0:
-            reached = ckpt.read_progress(run_dir)
-            lost = f"; {reached - state.step} steps lost" if reached else ""
-            print(f"resumed from step {state.step} (epoch {state.epoch}, saved by "
-                  f"{state.world_size} workers, now {world_size}){lost}",
-                  file=sys.stderr)  # fmt: skip
-        state.world_size = world_size
-        state.resumed_at.append(state.step)
+    with contextlib.ExitStack() as stack:
+        d = Path(stack.enter_context(resumed.as_directory())) if resumed is not None else None
+        # Read before the engine is built: at a new world size the policy may change grad_accum.
+        state = ckpt.TrainState(world_size=world_size) if d is None else ckpt.TrainState.read(d)
+        if not state.world_sizes:  # a fresh run, or a checkpoint from before the history
+            state.world_sizes.append([state.step, state.world_size])
+        plan, micro = _elastic_plan(cfg, shards, world_size, first_size=state.world_sizes[0][1])
+        views = build_views(cfg, shards.manifest).to(device)
+        method = build_model(cfg).to(device)
+        optim = cfg.optim.model_copy(update={"grad_accum": micro})
+        engine = zero.build_engine(
+            method, cfg.zero, optim, cfg.data.batch_size, world_size, plan.peak_lr
+        )
+        if d is not None:
+            zero.load(engine, d / ckpt.DEEPSPEED_DIR, reshard=True)
+            ckpt.load_rng(d, rank)
+            if rank == 0:
+                reached = ckpt.read_progress(run_dir)
+                lost = f"; {reached - state.step} steps lost" if reached else ""
+                print(f"resumed from step {state.step} (epoch {state.epoch}, saved by "
+                      f"{state.world_size} workers, now {world_size}){lost}",
+                      file=sys.stderr)  # fmt: skip
+            if state.world_size != world_size:
+                _resize(state, world_size, plan, micro, method, cfg, rank)
+            state.world_size = world_size
+            state.resumed_at.append(state.step)
+    if state.world_sizes[-1][1] != world_size:
+        state.world_sizes.append([state.step, world_size])
     tracker = _Tracker(cfg, state, config.get("mlflow_run_id"), shards, views, device, rank)
+    tracker.world_size(state.step, world_size)
 
     bar = _progress(plan.total_steps, state.step) if rank == 0 else None
     speed = _Speed(state.step)
-    micro = cfg.optim.grad_accum
     t_last, images_since = time.perf_counter(), 0
     if cfg.run.stop_at_step is not None and state.step >= cfg.run.stop_at_step:
         return  # this segment already ran
@@ -148,9 +173,59 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         break
     if bar is not None:
         bar.close()
-    tracker.close()
+    tracker.close({"ssl_dist.world_size_history": json.dumps(state.world_sizes)})
     if _Preempted.flag:
         raise SystemExit("preempted: final checkpoint written")
+
+
+def _elastic_plan(cfg: Config, shards, world_size: int, first_size: int) -> tuple[StepPlan, int]:
+    """The step plan and gradient accumulation at `world_size` for a run that started with
+    `first_size` workers (see the module docstring for the policies)."""
+    accum = cfg.optim.grad_accum
+    if world_size == first_size:
+        return plan_steps(cfg, shards, world_size), accum
+    if cfg.scaling.elastic_policy == "keep_global_batch":
+        global_batch = cfg.data.batch_size * first_size * accum
+        per_micro = cfg.data.batch_size * world_size
+        if global_batch % per_micro:
+            raise ValueError(
+                f"scaling.elastic_policy=keep_global_batch: the global batch {global_batch} "
+                f"(data.batch_size={cfg.data.batch_size} x {first_size} workers x "
+                f"optim.grad_accum={accum}) is not a multiple of {per_micro} (batch_size x "
+                f"{world_size} workers), so no gradient accumulation keeps it at {world_size} "
+                "workers; choose grad_accum and the [min, max] range so that it divides, or use "
+                "keep_per_worker_batch"
+            )
+        accum = global_batch // per_micro
+    optim = cfg.optim.model_copy(update={"grad_accum": accum})
+    plan = plan_steps(cfg.model_copy(update={"optim": optim}), shards, world_size)
+    # The run keeps the step count it planned at its first size (and so its schedules).
+    planned = plan_steps(cfg, shards, first_size).total_steps
+    return dataclasses.replace(plan, total_steps=planned), accum
+
+
+def _resize(state: ckpt.TrainState, world_size: int, plan: StepPlan, micro: int, method,
+            cfg: Config, rank: int) -> None:  # fmt: skip
+    """Carry a checkpoint written by `state.world_size` workers over to `world_size`: the
+    stream position (approximate, see the module docstring) and the MoCo v2 queue pointer."""
+    old = state.batch_in_epoch
+    state.batch_in_epoch = old * state.world_size // world_size // micro * micro
+    if state.batch_in_epoch >= plan.batches_per_epoch:
+        state.epoch, state.batch_in_epoch = state.epoch + 1, 0
+    # MoCo v2 writes one global batch of keys per micro-batch at a pointer that must be a
+    # multiple of it; move the pointer up to the next multiple (the rows it skips hold the
+    # oldest keys, overwritten on the next pass).
+    ptr, queue = getattr(method, "queue_ptr", None), getattr(method, "queue", None)
+    if isinstance(ptr, torch.Tensor) and isinstance(queue, torch.Tensor):
+        keys = cfg.data.batch_size * (world_size if cfg.method.gather else 1)
+        p = int(ptr)
+        if p % keys:
+            ptr.fill_((p + keys - p % keys) % queue.shape[0])
+    if rank == 0:
+        print(f"world size {state.world_size} -> {world_size}: stream position micro-batch "
+              f"{old} -> {state.batch_in_epoch} of epoch {state.epoch}, global batch "
+              f"{plan.global_batch}, peak lr {plan.peak_lr:.4g}, {plan.total_steps} steps "
+              "in all", file=sys.stderr)  # fmt: skip
 
 
 def _agree_to_stop() -> bool:
@@ -220,7 +295,8 @@ def _save(engine, cfg: Config, state: ckpt.TrainState, total: int, rank: int,
             state.mlflow_run_id = tracker.run_id or state.mlflow_run_id
             ckpt.write_atomic(d / ckpt.STATE, state.to_json())
             tracker.checkpoint(d, state.step)
-        metrics = {"step": state.step, "epoch": state.epoch, "total_steps": total, **(extra or {})}
+        metrics = {"step": state.step, "epoch": state.epoch, "total_steps": total,
+                   "world_size": state.world_size, **(extra or {})}  # fmt: skip
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
 
@@ -248,6 +324,7 @@ class _Tracker:
             uri = tracking.resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
             run_id = state.mlflow_run_id or driver_run_id
             self.logger = tracking.RunLogger(cfg, uri, run_id)
+            self.uri = uri
         self._proc: Any = None
 
     @property
@@ -261,6 +338,11 @@ class _Tracker:
         out.update({f"method/{k}": float(v) for k, v in method_metrics.items()})
         out.update(self._system())
         self.logger.metrics(step, out)
+
+    def world_size(self, step: int, size: int) -> None:
+        """Logged at every (re)start: the metric's history is the run's world-size history."""
+        if self.logger is not None:
+            self.logger.metrics(step, {"world_size": float(size)})
 
     def _system(self) -> dict[str, float]:
         import psutil
@@ -298,6 +380,17 @@ class _Tracker:
         files = [directory / ckpt.ENCODER, directory / "config.yaml", directory / ckpt.STATE]
         self.logger.artifacts(files, f"checkpoints/step-{step:08d}")
 
-    def close(self) -> None:
-        if self.logger is not None:
-            self.logger.close(timeout_s=60.0)
+    def close(self, tags: dict[str, str] | None = None) -> None:
+        if self.logger is None:
+            return
+        self.logger.close(timeout_s=60.0)
+        run_id = self.logger.run_id
+        if tags and run_id:
+            from ssl_dist import tracking
+
+            def set_tags() -> None:
+                c = tracking.client(self.uri)
+                for k, v in tags.items():
+                    c.set_tag(run_id, k, v)
+
+            tracking.bounded(set_tags, 30.0, "set tags")
