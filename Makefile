@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo retrain-e2e bench lint format clean
 
 install: $(STAMP)
 
@@ -23,6 +23,9 @@ test: install
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh
+
+retrain-e2e: install
+	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/retrain-e2e.sh
 
 bench: install
 	$(BIN)/ssl-dist bench loader

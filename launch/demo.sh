@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The demo: digits -> WebDataset shards -> SimCLR on 2 Ray workers (DeepSpeed) -> kNN check.
+# The demo: digits -> WebDataset shards -> SimCLR on 2 Ray workers (DeepSpeed), tracked in
+# MLflow (sqlite in work/demo/runs) -> kNN check -> the registered encoder's linear probe.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 recipe=launch/recipes/digits-demo.yaml
@@ -21,3 +22,11 @@ ckpt=$(grep -o '^checkpoint: .*' work/demo/pretrain.log | tail -1 | cut -d' ' -f
 [ -n "$ckpt" ] || { echo "pretraining failed: see work/demo/pretrain.log"; exit 1; }
 echo "== 5. kNN accuracy of the pretrained encoder vs the same encoder at init"
 ssl-dist knn "$ckpt"
+model=$(grep -o '^registered: [^ ]*' work/demo/pretrain.log | tail -1 | cut -d' ' -f2)
+[ -n "$model" ] || { echo "the encoder was not registered: see work/demo/pretrain.log"; exit 1; }
+tracking="sqlite:///$PWD/work/demo/runs/mlflow.db"
+echo "== 6. linear probe of the registered encoder $model (frozen features, val split)"
+ssl-dist finetune --model "$model" --data "$data" --mode linear --tracking-uri "$tracking" \
+  --out work/demo/linear.json
+echo "== 7. the run in the MLflow UI:"
+grep -o '^mlflow ui: .*' work/demo/pretrain.log | tail -1 | cut -d' ' -f3-

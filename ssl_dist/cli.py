@@ -126,6 +126,57 @@ def pretrain(
             f"peak RSS {metrics['peak_rss_mb']:.0f} MiB per rank"
         )
     typer.echo(f"checkpoint: {path}")
+    _echo_mlflow(metrics.get("mlflow"), cfg)
+
+
+def _echo_mlflow(logged: dict | None, cfg) -> None:
+    from ssl_dist.tracking import resolve_uri, ui_command
+
+    if not cfg.tracking.enabled:
+        return
+    uri = resolve_uri(cfg.tracking.uri, str(Path(cfg.run.storage_path).resolve())
+                      if "://" not in cfg.run.storage_path else cfg.run.storage_path)  # fmt: skip
+    if not logged:
+        typer.echo(f"mlflow: nothing logged at {uri} (see the warnings above)")
+    elif "version" in logged:
+        typer.echo(f"mlflow run: {logged['run_id']}")
+        typer.echo(f"registered: {logged['registered']} (version {logged['version']})")
+        typer.echo(f"mlflow ui: {ui_command(uri, logged['run_id'])}")
+    else:
+        typer.echo(f"mlflow run: {logged['run_id']} (paused at step {logged['paused_at_step']})")
+
+
+@app.command("retrain")
+def retrain(
+    config: ConfigOpt = None,
+    override: OverrideOpt = None,
+    data: Annotated[
+        str | None, typer.Option(help="Newest data: a manifest or a glob (sets retrain.data).")
+    ] = None,
+    eval_data: Annotated[
+        str | None, typer.Option(help="Fixed evaluation shards (sets retrain.eval_data).")
+    ] = None,
+    margin: Annotated[float | None, typer.Option(help="Sets retrain.margin.")] = None,
+    from_scratch: Annotated[bool, typer.Option(help="Do not warm-start.")] = False,
+    out: Annotated[Path | None, typer.Option(help="Write the decision as JSON here.")] = None,
+) -> None:
+    """Scheduled retraining: champion vs a challenger trained on the newest data.
+
+    Pretrains a challenger on the newest data (warm-started from the champion), probes both
+    on the fixed eval shards, and moves the champion alias only if the challenger wins by the
+    margin. Exit 3 when another retrain holds the lock."""
+    extra = [f"retrain.data={data}"] if data else []
+    extra += [f"retrain.eval_data={eval_data}"] if eval_data else []
+    extra += [f"retrain.margin={margin}"] if margin is not None else []
+    extra += ["retrain.warm_start=false"] if from_scratch else []
+    cfg = load_config(config, [*(override or []), *extra])
+    from ssl_dist.retrain import retrain as run
+
+    result = run(cfg, log=lambda line: typer.echo(f"retrain: {line}"))
+    typer.echo(f"decision: {result.decision} ({result.reason})")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(result.to_json() + "\n")
 
 
 @app.command("knn")
@@ -140,6 +191,61 @@ def knn(
     typer.echo(
         f"kNN top-1 on val: {r['knn_trained']:.1%} pretrained vs {r['knn_init']:.1%} at init"
     )
+
+
+@app.command("finetune")
+def finetune(
+    model: Annotated[
+        str,
+        typer.Option(
+            help="models:/name@alias, models:/name/VERSION, runs:/RUN_ID/PATH or a checkpoint dir."
+        ),
+    ],
+    data: Annotated[str, typer.Option(help="Shard dir with manifest.json (train + val).")],
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="linear: probe frozen features | full: fine-tune encoder + head on Ray workers."
+        ),
+    ],
+    tracking_uri: Annotated[
+        str | None, typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite).")
+    ] = None,
+    epochs: Annotated[int, typer.Option(help="full: passes over train.")] = 5,
+    lr: Annotated[float, typer.Option(help="full: peak SGD learning rate.")] = 0.1,
+    batch_size: Annotated[
+        int | None,
+        typer.Option(help="full: images per worker per step (default: the pretraining one)."),
+    ] = None,
+    num_workers: Annotated[
+        int | None, typer.Option(help="full: Ray Train workers (default: the pretraining one).")
+    ] = None,
+    storage_path: Annotated[str, typer.Option(help="full: where Ray keeps the run.")] = (
+        "work/runs"
+    ),
+    out: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Linear probe or full fine-tune of a pretrained encoder (models:/... or a checkpoint).
+
+    Evaluate a pretrained encoder on labelled shards: a linear probe on frozen features
+    (L2 penalty chosen on held-out train) or full fine-tuning through DeepSpeed; top-1/top-5 on
+    val, logged to MLflow (experiment ssl-dist-finetune) with tags linking the source model.
+
+    Weights are read from encoder.safetensors only; pickled weights are refused (exit 2)."""
+    import json
+
+    from ssl_dist.evaluate.finetune import run_finetune, summary
+
+    r = run_finetune(model, data, mode, tracking_uri, epochs=epochs, lr=lr,
+                     batch_size=batch_size, num_workers=num_workers,
+                     storage_path=storage_path)  # fmt: skip
+    typer.echo(summary(r))
+    if r.get("checkpoint"):
+        typer.echo(f"checkpoint: {r['checkpoint']}")
+    typer.echo(f"mlflow run: {r['mlflow_run_id'] or 'not logged (see the warning above)'}")
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(r, indent=2, default=str) + "\n")
 
 
 @bench_app.command("loader")
@@ -186,6 +292,24 @@ def bench_train(
     run(out=out, work=work, steps=steps, global_batch=global_batch)
 
 
+def _register_submit() -> None:
+    from ssl_dist.submit import register
+
+    register(app)
+
+
+def _register_benches() -> None:
+    from ssl_dist.bench.quality import quality_command
+    from ssl_dist.bench.scaling import scaling_command
+
+    bench_app.command("quality")(quality_command)
+    bench_app.command("scaling")(scaling_command)
+
+
+_register_submit()
+_register_benches()
+
+
 def main() -> None:
     logging.basicConfig(level=os.environ.get("SSL_DIST_LOG", "WARNING"), format="%(message)s")
     try:
@@ -200,6 +324,12 @@ def main() -> None:
         sys.exit(130)
     except Exception as e:  # click usage errors carry their own exit code 2
         import click
+
+        from ssl_dist.retrain import LockHeld
+
+        if isinstance(e, LockHeld):
+            typer.echo(f"error: {e}", err=True)
+            sys.exit(3)
 
         if isinstance(e, click.ClickException):
             e.show()

@@ -112,6 +112,9 @@ class ModelConfig(_Strict):
     """Start every residual block as the identity (last BN gamma = 0), as SimCLR and MoCo do."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm (GPU only; torch refuses it on CPU tensors)."""
+    init_from: str | None = None
+    """Warm start: encoder weights from `models:/name/version`, `models:/name@alias`,
+    `runs:/id/path` or a checkpoint dir (safetensors only); heads start fresh."""
 
 
 class MethodConfig(_Strict):
@@ -232,6 +235,29 @@ class RunConfig(_Strict):
     """Steps between metric reports."""
 
 
+class RetrainConfig(_Strict):
+    """`ssl-dist retrain`: the scheduled champion / challenger job."""
+
+    data: str | None = None
+    """Newest data: a manifest path or a glob of them (the newest by modification time wins);
+    default `data.manifest`."""
+    eval_data: str | None = None
+    """The fixed evaluation shard set (dir or manifest) both encoders are probed on."""
+    champion_alias: str = "champion"
+    """Registry alias of the encoder in production."""
+    challenger_alias: str = "challenger"
+    """Alias set on each newly trained encoder."""
+    margin: float = Field(0.005, ge=0, le=1)
+    """The challenger must beat the champion's probe top-1 by this much (0.005 = 0.5 points)."""
+    warm_start: bool = True
+    """Start from the champion's encoder (else from scratch)."""
+    lock_dir: str | None = None
+    """Where the job's lock file lives: a local or shared filesystem path (default
+    `run.storage_path/locks`; required when the storage is object storage)."""
+    lock_ttl_s: float = Field(86400.0, gt=0)
+    """A lock older than this is stale (its holder is presumed dead) and is taken over."""
+
+
 class Config(_Strict):
     """A whole run."""
 
@@ -244,6 +270,7 @@ class Config(_Strict):
     scaling: ScalingConfig = ScalingConfig()
     tracking: TrackingConfig = TrackingConfig()
     run: RunConfig = RunConfig()
+    retrain: RetrainConfig = RetrainConfig()
 
 
 def _format_error(err: ValidationError) -> str:

@@ -492,6 +492,18 @@ def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
         # A time-boxed segment (run.stop_at_step): the run goes on later under the same name.
         c.set_tag(run_id, "ssl_dist.paused_at_step", str(step))
         return {"run_id": run_id, "paused_at_step": step}
+    name = cfg.tracking.model_name
+    done = [v for v in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+            if v.tags.get("ssl_dist.step") == str(step)]  # fmt: skip
+    if done:
+        # Finished before (a job that crashed after registering and is run again): the same
+        # version, not a duplicate.
+        version = max(done, key=lambda v: int(v.version))
+        if cfg.tracking.alias.lower() != "latest":
+            c.set_registered_model_alias(name, cfg.tracking.alias, version.version)
+        c.set_terminated(run_id, "FINISHED")
+        return {"run_id": run_id, "model_uri": version.source, "version": version.version,
+                "registered": f"models:/{name}@{cfg.tracking.alias}"}  # fmt: skip
     c.log_figure(run_id, curves_figure(c, run_id), "figures/loss_lr.png")
     feats, labels, classes, example, out = _encoder_and_example(cfg, ckpt)
     c.log_figure(run_id, embedding_figure(feats, labels, classes), "figures/embedding_pca.png")
@@ -525,8 +537,16 @@ def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
             "registered": f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"}  # fmt: skip
 
 
-def ui_command(uri: str) -> str:
-    """The command that opens the MLflow UI on this store."""
+def ui_command(uri: str, run_id: str | None = None) -> str:
+    """The command that opens the MLflow UI on this store (on the run's page when given)."""
+    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+    page = base
+    if run_id:
+        try:
+            experiment = client(uri).get_run(run_id).info.experiment_id
+            page = f"{base}/#/experiments/{experiment}/runs/{run_id}"
+        except Exception:  # noqa: BLE001 - the plain address still helps
+            pass
     if uri.startswith(("http://", "https://")):
-        return f"open {uri}"
-    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000"
+        return f"open {page}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000  # then open {page}"

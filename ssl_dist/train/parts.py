@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ssl_dist.config import Config
+from ssl_dist.config import Config, ConfigError
 from ssl_dist.data.shards import Manifest
 from ssl_dist.data.stream import ShardSet, plan_exact
 from ssl_dist.data.views import TwoViews
@@ -30,7 +30,26 @@ def build_views(cfg: Config, manifest: Manifest) -> TwoViews:
 def build_model(cfg: Config) -> SSLMethod:
     """The method with its encoder, initialised from ``run.seed`` (same on every rank)."""
     torch.manual_seed(cfg.run.seed)
-    return build_method(cfg.method, cfg.model, cfg.data.channels, cfg.data.image_size)
+    method = build_method(cfg.method, cfg.model, cfg.data.channels, cfg.data.image_size)
+    if cfg.model.init_from:
+        warm_start(method, cfg)
+    return method
+
+
+def warm_start(method: SSLMethod, cfg: Config) -> None:
+    """Load `model.init_from`'s encoder into the online encoder and its momentum copy."""
+    from ssl_dist.evaluate.source import load_source
+
+    source = load_source(cfg.model.init_from or "", tracking_uri=cfg.tracking.uri)
+    try:
+        method.encoder.load_state_dict(source.tensors, strict=True)
+    except RuntimeError as e:
+        raise ConfigError(
+            f"model.init_from={cfg.model.init_from} does not fit model.{cfg.model.encoder}: {e}"
+        ) from None
+    for target, online in method.momentum_pairs():
+        if online is method.encoder:
+            target.load_state_dict(online.state_dict())
 
 
 @dataclass(frozen=True)

@@ -280,3 +280,24 @@ def test_tracking_down_does_not_fail_the_probe(tmp_path, digits_dir, monkeypatch
                          log_timeout_s=20)  # fmt: skip
     assert r["mlflow_run_id"] is None and r["top1"] > 0.1
     assert r["source"] == {"uri": str(d.resolve())}
+
+
+def test_finishing_a_run_twice_registers_one_version(tmp_path, digits_dir, monkeypatch):
+    """A job that crashed after registering its encoder and is run again (retrain after a
+    crash) gets the same model version back, not a duplicate."""
+    from ssl_dist.train.checkpoint import STATE, TrainState
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = load_config(RECIPES / "tiny.yaml", [f"data.manifest={digits_dir}/manifest.json",
+                      f"run.storage_path={tmp_path}/runs", "tracking.model_name=twice",
+                      "tracking.alias=candidate"])  # fmt: skip
+    ckpt = write_checkpoint(tmp_path / "ckpt", init_tensors(cfg), cfg)
+    run_id = tracking.find_or_create_run(cfg, tracking.resolve_uri(None, cfg.run.storage_path))
+    (ckpt / STATE).write_text(TrainState(step=4, mlflow_run_id=run_id).to_json())
+    first = tracking.finish_run(cfg, ckpt, {"total_steps": 4, "loss": 1.0})
+    second = tracking.finish_run(cfg, ckpt, {"total_steps": 4, "loss": 1.0})
+    assert first is not None and second is not None and first["run_id"] == run_id
+    assert second["version"] == first["version"] and second["run_id"] == run_id
+    client = tracking.client(tracking.resolve_uri(None, cfg.run.storage_path))
+    assert len(client.search_model_versions("name = 'twice'")) == 1
+    assert client.get_model_version_by_alias("twice", "candidate").version == first["version"]
