@@ -1,0 +1,439 @@
+"""`ssl-dist bench scaling`: where the time of a Fashion-MNIST training step goes, and how the
+recipe scales from 1 to 2 workers and across 2 Ray nodes.
+
+One run measures, on the Fashion-MNIST recipe at one global batch (the recipe's per-worker batch
+times its worker count):
+
+* images/s of the Ray trainer (DeepSpeed engine, the real worker loop) with 1 and 2 workers on a
+  local Ray instance, and with 2 workers on a local 2-node ``ray.cluster_utils.Cluster`` (head
+  1 CPU + node 1 CPU, so one worker per node: collectives cross node boundaries through gloo
+  over TCP instead of DeepSpeed's shared-memory all-reduce);
+* a bare single-process PyTorch loop (:func:`ssl_dist.train.local.run_local`: same shards,
+  views, method and optimizer; no Ray, no DeepSpeed) on the same encoder and global batch with
+  every core as intra-op threads: the throughput check is Ray 2 workers / bare (target >= 0.9);
+* the share of step time in each phase, from an instrumented loop that mirrors the worker loop
+  in a 2-process gloo group (one thread each, as the workers): waiting for the next batch
+  (``next()`` on the stream), the two-view augmentation, forward, the all-gather of the
+  projections (forward: all-gather; backward: all-reduce of their gradients; timed inside the
+  real loss through tensor hooks), backward, the gradient all-reduce (one flat buffer, as
+  DeepSpeed's ZeRO-0 averaging) and the optimizer step; medians per rank, slowest rank;
+* model FLOPs per image (``torch.utils.flop_counter.FlopCounterMode``: forward + backward of
+  both views through encoder, projector and loss) and the achieved FLOP/s of each run against
+  this machine's fp32 matmul peak, measured in the same run (1 thread and every core).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import torch
+import typer
+
+from ssl_dist.bench.quality import RECIPE, prepare_shards, require_fashion_mnist
+from ssl_dist.bench.report import table, write
+from ssl_dist.config import Config, load_config
+from ssl_dist.data.sources import FASHION_MNIST_DIR
+
+WARMUP = 5
+"""Untimed steps at the start of every measurement (the trainer's own ``_Speed.WARMUP``)."""
+PHASES = ("data", "views", "forward", "gather_fwd", "backward", "gather_bwd", "grad_allreduce",
+          "optimizer")  # fmt: skip
+RATE_COLUMNS = ["runner", "nodes", "workers", "per_worker_batch", "images_s", "step_ms",
+                "scaling_eff", "vs_bare", "gflop_s", "of_peak"]  # fmt: skip
+
+
+# ---------------------------------------------------------------- machine and model
+
+
+def matmul_gflops(threads: int, seconds: float = 2.0, n: int = 1024,
+                  dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+    """Sustained ``n x n`` matmul GFLOP/s with `threads` intra-op threads (best of 3 rounds)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up (and oneDNN / AMX kernel selection)
+        best = 0.0
+        for _ in range(3):
+            k, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                a @ b
+                k += 1
+            best = max(best, 2 * n**3 * k / (time.perf_counter() - start) / 1e9)
+        return best
+    finally:
+        torch.set_num_threads(saved)
+
+
+def model_flops(cfg: Config, batch: int = 16) -> dict[str, float]:
+    """FLOPs per image of one training step (2 views, forward + backward, encoder + projector +
+    loss) and of one encoder forward (one view), counted by ``FlopCounterMode``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ssl_dist.train.parts import build_model
+
+    method = build_model(cfg)
+    size, c = cfg.data.image_size, cfg.data.channels
+    x1, x2 = torch.randn(batch, c, size, size), torch.randn(batch, c, size, size)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, _ = method(x1, x2)
+        loss.backward()
+    train = counter.get_total_flops() / batch
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        method.encoder.eval()(x1)
+    return {"train_flops_per_image": float(train),
+            "encoder_forward_flops_per_view": float(counter.get_total_flops() / batch)}  # fmt: skip
+
+
+# ---------------------------------------------------------------- throughput
+
+
+def _cfg(base: Config, workers: int, global_batch: int, steps: int, storage: Path,
+         name: str) -> Config:  # fmt: skip
+    c = base.model_copy(deep=True)
+    c.scaling.num_workers = workers
+    c.data.batch_size = global_batch // workers
+    c.run.max_steps, c.run.checkpoint_every, c.run.log_every = steps, 10 * steps, steps
+    c.run.epochs = 1000
+    c.run.storage_path = str(storage.resolve())
+    c.run.name = f"{name}-{time.time_ns()}"
+    c.tracking.enabled = False
+    return c
+
+
+def ray_rate(cfg: Config) -> dict[str, float]:
+    """Steady-state images/s and step time of the real trainer (Ray must be initialised)."""
+    from ssl_dist.train.driver import build_trainer, resolve_paths
+
+    m = build_trainer(resolve_paths(cfg)).fit().metrics or {}
+    return {"images_s": float(m["images_s"]), "step_ms": float(m["step_ms"])}
+
+
+def bare_rate(cfg: Config, threads: int) -> dict[str, float]:
+    """The same training in one process (`threads` threads), no Ray, no DeepSpeed."""
+    from ssl_dist.train.local import run_local
+
+    c = cfg.model_copy(deep=True)
+    c.scaling.cpus_per_worker = threads
+    times: list[float] = []
+    last = [time.perf_counter()]
+
+    def on_step(step: int, loss: float, metrics: dict) -> None:
+        now = time.perf_counter()
+        times.append(now - last[0])
+        last[0] = now
+
+    saved = torch.get_num_threads()
+    try:
+        run_local(c, knn=False, on_step=on_step)
+    finally:
+        torch.set_num_threads(saved)
+    steady = times[WARMUP:] or times
+    step_s = sum(steady) / len(steady)
+    return {"images_s": c.data.batch_size / step_s, "step_ms": 1e3 * step_s}
+
+
+# ---------------------------------------------------------------- phase shares (gloo group)
+
+
+class _PhaseClock:
+    def __init__(self) -> None:
+        self.t: dict[str, float] = dict.fromkeys(PHASES, 0.0)
+        self.mark = 0.0
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.t[phase] += seconds
+
+
+def _timed_gather(clock: _PhaseClock, original: Callable[[torch.Tensor], torch.Tensor]):
+    """``all_gather_with_grad`` that books its forward and its backward on `clock`."""
+
+    def gather(x: torch.Tensor) -> torch.Tensor:
+        start = time.perf_counter()
+        out = original(x)
+        clock.add("gather_fwd", time.perf_counter() - start)
+        if out.requires_grad and x.requires_grad:
+
+            def grad_out(g: torch.Tensor) -> None:
+                clock.mark = time.perf_counter()
+
+            def grad_in(g: torch.Tensor) -> None:
+                clock.add("gather_bwd", time.perf_counter() - clock.mark)
+
+            out.register_hook(grad_out)
+            x.register_hook(grad_in)
+        return out
+
+    return gather
+
+
+def _phase_worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) -> None:
+    import torch.distributed as dist
+
+    from ssl_dist.data.stream import open_shards, stream
+    from ssl_dist.dist import collectives
+    from ssl_dist.optim import build_optimizer, param_groups
+    from ssl_dist.train.parts import build_model, build_views, plan_steps, view_seed
+
+    torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
+    if sys.platform.startswith("linux"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world, timeout=timedelta(seconds=600))  # fmt: skip
+    try:
+        cfg = Config.model_validate(job["config"])
+        shards = open_shards(cfg.data)
+        plan = plan_steps(cfg, shards, world)
+        views = build_views(cfg, shards.manifest)
+        method = build_model(cfg)
+        params = [p for p in method.parameters() if p.requires_grad]
+        opt = build_optimizer(param_groups(method, cfg.optim.weight_decay), cfg.optim,
+                              plan.peak_lr)  # fmt: skip
+        clock = _PhaseClock()
+        collectives.all_gather_with_grad = _timed_gather(  # type: ignore[assignment]
+            clock, collectives.all_gather_with_grad
+        )
+        steps, epoch, rows = job["steps"], 0, []
+        it = iter(stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards))
+        for step in range(WARMUP + steps):
+            clock.t = dict.fromkeys(PHASES, 0.0)
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                epoch += 1
+                it = iter(stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards))
+                batch = next(it)
+            t1 = time.perf_counter()
+            x1, x2 = views(batch.images, seed=view_seed(cfg.run.seed, epoch, step, rank))
+            t2 = time.perf_counter()
+            loss, _ = method(x1, x2)
+            t3 = time.perf_counter()
+            loss.backward()
+            t4 = time.perf_counter()
+            flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+            dist.all_reduce(flat)
+            flat /= world
+            offset = 0
+            for p in params:
+                if p.grad is not None:
+                    n = p.grad.numel()
+                    p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
+                    offset += n
+            t5 = time.perf_counter()
+            for g in opt.param_groups:
+                g["lr"] = plan.lr(step, cfg)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            method.momentum_update(step + 1, plan.total_steps)
+            t6 = time.perf_counter()
+            clock.add("data", t1 - t0)
+            clock.add("views", t2 - t1)
+            clock.add("forward", t3 - t2 - clock.t["gather_fwd"])
+            clock.add("backward", t4 - t3 - clock.t["gather_bwd"])
+            clock.add("grad_allreduce", t5 - t4)
+            clock.add("optimizer", t6 - t5)
+            if step >= WARMUP:
+                rows.append({**clock.t, "step": t6 - t0})
+        med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "step")}
+        mean = {k: sum(r[k] for r in rows) / len(rows) for k in (*PHASES, "step")}
+        both = collectives.all_gather_no_grad(
+            torch.tensor([[med[k] for k in (*PHASES, "step")] + [mean["step"]]],
+                         dtype=torch.float64)
+        )  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+    if rank == 0:
+        Path(result).write_text(json.dumps(both.tolist()))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def phase_shares(cfg: Config, steps: int, world: int = 2) -> list[dict[str, Any]]:
+    """Per-phase median milliseconds and share of the step, per rank, from a spawned gloo
+    group of `world` processes running the instrumented loop for `steps` timed steps."""
+    import torch.multiprocessing as mp
+
+    job = {"config": cfg.model_dump(mode="json"), "steps": steps}
+    with tempfile.TemporaryDirectory() as tmp:
+        result = str(Path(tmp) / "phases.json")
+        mp.spawn(_phase_worker, args=(world, _free_port(), job, result), nprocs=world)
+        per_rank = json.loads(Path(result).read_text())
+    rows = []
+    for rank, values in enumerate(per_rank):
+        med = dict(zip((*PHASES, "step"), values[:-1], strict=True))
+        total = sum(med[p] for p in PHASES)
+        for p in PHASES:
+            rows.append({"rank": rank, "phase": p, "ms": 1e3 * med[p],
+                         "share": med[p] / total if total else 0.0})  # fmt: skip
+        rows.append({"rank": rank, "phase": "step (median)", "ms": 1e3 * med["step"],
+                     "share": 1.0, "mean_ms": 1e3 * values[-1]})  # fmt: skip
+    return rows
+
+
+# ---------------------------------------------------------------- the bench
+
+
+def _say(msg: str) -> None:
+    print(f"[scaling {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(
+    out: Path = Path("bench-results/scaling.json"),
+    work: Path = Path("work/bench-quality"),
+    recipe: Path = RECIPE,
+    input_dir: Path = FASHION_MNIST_DIR,
+    steps: int = 30,
+    phase_steps: int = 20,
+    overrides: tuple[str, ...] | list[str] = (),
+    cluster: bool = True,
+) -> dict[str, Any]:
+    """Measure everything; print the tables; write `out`. Returns the document."""
+    import ray
+
+    require_fashion_mnist(input_dir)
+    manifest = prepare_shards(work, input_dir)
+    base = load_config(recipe, [f"data.manifest={manifest}", *overrides])
+    recipe_workers = base.scaling.num_workers
+    if not isinstance(recipe_workers, int):
+        recipe_workers = recipe_workers[0]
+    global_batch = base.data.batch_size * recipe_workers
+    if global_batch % 2:
+        raise ValueError(f"the global batch {global_batch} must be even (2 workers)")
+    cores = os.cpu_count() or 1
+    storage = work / "scaling-runs"
+    steps_all = WARMUP + steps
+
+    _say("fp32 matmul peak and model FLOPs")
+    peak1 = matmul_gflops(1)
+    peak_all = matmul_gflops(cores)
+    peak_bf16 = matmul_gflops(cores, dtype=torch.bfloat16)
+    flops = model_flops(base)
+
+    rows: list[dict[str, Any]] = []
+    _say(f"bare single-process loop, {cores} threads, batch {global_batch}")
+    bare = bare_rate(_cfg(base, 1, global_batch, steps_all, storage, "bare"), cores)
+    rows.append({"runner": f"bare torch ({cores} threads)", "nodes": 1, "workers": 1,
+                 "per_worker_batch": global_batch, **bare})  # fmt: skip
+
+    ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        for workers in (1, 2):
+            _say(f"Ray, {workers} worker(s), 1 node")
+            rate = ray_rate(_cfg(base, workers, global_batch, steps_all, storage, f"w{workers}"))
+            rows.append({"runner": "ray + deepspeed", "nodes": 1, "workers": workers,
+                         "per_worker_batch": global_batch // workers, **rate})  # fmt: skip
+    finally:
+        ray.shutdown()
+    if cluster:
+        from ray.cluster_utils import Cluster
+
+        _say("Ray, 2 workers on a local 2-node cluster (1 CPU each)")
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+        try:
+            c.add_node(num_cpus=1)
+            ray.init(address=c.address, log_to_driver=False)
+            rate = ray_rate(_cfg(base, 2, global_batch, steps_all, storage, "cluster"))
+            rows.append({"runner": "ray + deepspeed", "nodes": 2, "workers": 2,
+                         "per_worker_batch": global_batch // 2, **rate})  # fmt: skip
+        finally:
+            ray.shutdown()
+            c.shutdown()
+
+    one = next(r for r in rows if r["runner"].startswith("ray") and r["workers"] == 1)
+    for r in rows:
+        r["vs_bare"] = r["images_s"] / bare["images_s"]
+        if r["runner"].startswith("ray") and r["workers"] == 2:
+            r["scaling_eff"] = r["images_s"] / (2 * one["images_s"])
+        r["gflop_s"] = r["images_s"] * flops["train_flops_per_image"] / 1e9
+        r["of_peak"] = r["gflop_s"] / peak_all
+
+    _say(f"phase shares: instrumented loop, 2-process gloo group, {phase_steps} steps")
+    pc = _cfg(base, 2, global_batch, phase_steps, storage, "phases")
+    phases = phase_shares(pc, phase_steps)
+
+    two = next(r for r in rows if r["runner"].startswith("ray") and r["workers"] == 2
+               and r["nodes"] == 1)  # fmt: skip
+    check = {"ray_2_workers_images_s": two["images_s"], "bare_images_s": bare["images_s"],
+             "ratio": two["vs_bare"], "target": 0.9, "ok": two["vs_bare"] >= 0.9}  # fmt: skip
+    machine_rows = [
+        {"what": "fp32 matmul peak, 1 thread", "gflop_s": peak1},
+        {"what": f"fp32 matmul peak, {cores} threads", "gflop_s": peak_all},
+        {"what": f"bf16 matmul peak, {cores} threads (AMX where present)", "gflop_s": peak_bf16},
+        {"what": "model GFLOP per image, train step (2 views, fwd+bwd)",
+         "gflop_s": flops["train_flops_per_image"] / 1e9},
+        {"what": "model GFLOP per view, encoder forward",
+         "gflop_s": flops["encoder_forward_flops_per_view"] / 1e9},
+    ]  # fmt: skip
+    title = (f"scaling bench: fashion-mnist {base.data.image_size}px, {base.model.encoder} "
+             f"{tuple(base.model.widths)} depths {tuple(base.model.depths)}, "
+             f"{base.method.name}, global batch {global_batch}, {steps} timed steps "
+             f"(+{WARMUP} warm-up), fp32, 1 CPU per worker")  # fmt: skip
+    print(title)
+    print(table(rows, RATE_COLUMNS))
+    print()
+    print(
+        f"throughput check: Ray 2 workers / bare = {check['ratio']:.3f} "
+        f"(target >= 0.9: {'ok' if check['ok'] else 'MISSED'})"
+    )
+    print()
+    print("step phases, instrumented loop in a 2-process gloo group (median ms per step)")
+    print(table(phases, ["rank", "phase", "ms", "share", "mean_ms"]))
+    print()
+    print(table(machine_rows, ["what", "gflop_s"]))
+    extra = {"phases": phases, "machine_peaks": machine_rows, "flops": flops,
+             "throughput_check": check, "global_batch": global_batch, "steps": steps,
+             "warmup": WARMUP, "recipe": str(recipe), "overrides": list(overrides),
+             "note": "machine shared with other jobs while measuring: noisy"}  # fmt: skip
+    write(out, "scaling", rows, extra)
+    print(f"\nwrote {out}")
+    return {"bench": "scaling", "rows": rows, **extra}
+
+
+def scaling_command(
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
+        "bench-results/scaling.json"
+    ),
+    work: Annotated[Path, typer.Option(help="Scratch dir (shards shared with bench quality).")] = (
+        Path("work/bench-quality")
+    ),
+    config: Annotated[Path, typer.Option("--config", "-c", help="Recipe.")] = RECIPE,
+    override: Annotated[
+        list[str] | None, typer.Option("--override", "-o", help="Dotted recipe override.")
+    ] = None,
+    input: Annotated[
+        Path, typer.Option(help="Directory with the Fashion-MNIST IDX files.")
+    ] = FASHION_MNIST_DIR,
+    steps: Annotated[int, typer.Option(help="Timed steps per run (after 5 warm-up).")] = 30,
+    phase_steps: Annotated[
+        int, typer.Option(help="Timed steps of the instrumented phase loop.")
+    ] = 20,
+    cluster: Annotated[
+        bool, typer.Option(help="Also run 2 workers on a local 2-node Ray cluster.")
+    ] = True,
+) -> None:
+    """Fashion-MNIST recipe throughput: 1-2 workers, 2 nodes, bare loop, step shares, FLOP/s.
+
+    Images/s with 1 and 2 Ray workers and across 2 local Ray nodes, against a bare PyTorch
+    loop; step-time shares (data, augmentation, all-gather, forward/backward, all-reduce);
+    model FLOPs and achieved FLOP/s against the measured matmul peak. Table + JSON."""
+    os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
+    run(out=out, work=work, recipe=config, input_dir=input, steps=steps,
+        phase_steps=phase_steps, overrides=override or [], cluster=cluster)  # fmt: skip

@@ -1,0 +1,41 @@
+"""`bench quality` end to end on a tiny fake Fashion-MNIST: calibration and a time-boxed
+pretraining run on real Ray workers, checkpoints probed, baselines, the supervised reference,
+table / JSON / PNG, and the MLflow run (sqlite)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ssl_dist.bench import quality
+from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.mark.timeout(600)
+def test_whole_bench_on_ray(tmp_path):
+    idx = fake_fashion_mnist(tmp_path / "idx", n_train=200, n_test=40)
+    # Small shards, so that each of the 2 workers gets some (the bench reuses a prepared set).
+    quality.prepare_shards(tmp_path / "work", idx, samples_per_shard=20)
+    out = tmp_path / "res" / "quality.json"
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    doc = quality.run(out=out, work=tmp_path / "work", budget_min=0.25, input_dir=idx,
+                      overrides=TINY, tracking_uri=uri, supervised_threads=1)  # fmt: skip
+    saved = json.loads(out.read_text())
+    encoders = [r["encoder"] for r in saved["rows"]]
+    assert encoders[:3] == ["raw pixels 32px", "raw pixels 28px", "random init"]
+    assert any(e.startswith("simclr @") for e in encoders)
+    assert any(e.startswith("supervised @") for e in encoders)
+    steps = [p["step"] for p in saved["curves"]["simclr"]]
+    run = saved["pretrain_runs"][0]
+    # Random init, then the checkpoints of the time-boxed run up to its planned last step.
+    assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 3
+    assert steps[-1] == run["max_steps"]
+    assert run["mlflow"]["run_id"] and "version" in run["mlflow"]
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert doc["mlflow_run_id"] and saved["mlflow_run_id"] == doc["mlflow_run_id"]
+    assert {"prepare_s", "simclr_calibrate_s", "simclr_pretrain_s", "simclr_probes_s",
+            "supervised_train_s"} <= set(saved["phases_s"])  # fmt: skip
+    assert all(0.0 <= r["probe_top1"] <= 1.0 for r in saved["rows"])

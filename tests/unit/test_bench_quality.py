@@ -1,0 +1,102 @@
+"""`bench quality` / `bench scaling` pieces on a tiny fake Fashion-MNIST (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from ssl_dist.bench import quality, scaling
+from ssl_dist.config import Config
+from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
+
+pytestmark = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory) -> tuple[Path, Path]:
+    """``(idx dir, manifest)`` shared by the tests of this module."""
+    tmp = tmp_path_factory.mktemp("fm")
+    idx = fake_fashion_mnist(tmp / "idx")
+    manifest = quality.prepare_shards(tmp / "work", idx, samples_per_shard=20)
+    return idx, manifest
+
+
+def _cfg(manifest: Path, tmp: Path, *extra: str) -> Config:
+    return quality.bench_config(quality.RECIPE, manifest, tmp, "simclr", "t", [*TINY, *extra])
+
+
+def test_missing_data_exits_2_with_the_install_hint(tmp_path):
+    app = typer.Typer()
+    app.command("quality")(quality.quality_command)
+    app.command("scaling")(scaling.scaling_command)
+    for cmd in ("quality", "scaling"):
+        args = [cmd, "--input", str(tmp_path / "none"), "--work", str(tmp_path / "w")]
+        if cmd == "quality":
+            args += ["--out", str(tmp_path / "q.json")]
+        r = CliRunner().invoke(app, args)
+        assert r.exit_code == 2, r.output
+        assert "apt-get install dataset-fashion-mnist" in r.output
+        assert len(r.output.strip().splitlines()) == 1
+    assert not (tmp_path / "w").exists()  # nothing prepared, nothing installed
+
+
+def test_prepared_shards_are_cached(fake, tmp_path):
+    idx, manifest = fake
+    before = manifest.stat().st_mtime_ns
+    again = quality.prepare_shards(manifest.parent.parent, idx, samples_per_shard=20)
+    assert again == manifest and manifest.stat().st_mtime_ns == before
+    doc = json.loads(manifest.read_text())
+    assert doc["splits"]["train"]["samples"] == 60 and doc["splits"]["val"]["samples"] == 20
+
+
+def test_plan_budget_fits_steps_and_checkpoints_to_the_time():
+    cal = quality.Calibration(step_s=0.5, startup_s=20.0, wall_s=26.0, steps=12)
+    steps, every = quality.plan_budget(120.0, cal)
+    assert steps == int((120 - 20 - 3 * quality.CHECKPOINT_S) / 0.5)
+    assert every * (quality.CHECKPOINTS - 1) < steps <= every * quality.CHECKPOINTS
+    assert quality.plan_budget(1.0, cal) == (quality.CHECKPOINTS, 1)  # never below one per point
+
+
+def test_evaluator_scores_encoders_and_pixels(fake, tmp_path):
+    _, manifest = fake
+    cfg = _cfg(manifest, tmp_path)
+    ev = quality.Evaluator(cfg)
+    assert ev.train.images.shape == (60, 1, 28, 28) and ev.val.labels.shape == (20,)
+    init = ev.encoder(quality.init_encoder(cfg))
+    assert 0 <= init["probe_top1"] <= 1 and 0 <= init["knn_top1"] <= 1
+    assert init["feature_dim"] == 8
+    pix = ev.pixels(32)
+    assert pix["feature_dim"] == 32 * 32 and pix["probe_top1"] > 0.5  # the bands are separable
+    # The random-init encoder is the training init: same seed, same weights.
+    a, b = quality.init_encoder(cfg).state_dict(), quality.init_encoder(cfg).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_supervised_reference_stops_on_time(fake, tmp_path):
+    _, manifest = fake
+    cfg = _cfg(manifest, tmp_path)
+    ev = quality.Evaluator(cfg)
+    sup = quality.train_supervised(cfg, ev.train, ev.val, ev.views, 1.0, threads=1, batch_size=16)
+    assert sup.steps >= 1 and sup.seconds < 10 and 0 <= sup.head_top1 <= 1
+
+
+def test_scaling_pieces(fake, tmp_path):
+    _, manifest = fake
+    assert scaling.matmul_gflops(1, seconds=0.05, n=128) > 0
+    cfg = _cfg(manifest, tmp_path)
+    flops = scaling.model_flops(cfg, batch=4)
+    assert flops["train_flops_per_image"] > 4 * flops["encoder_forward_flops_per_view"] > 0
+    small = scaling._cfg(cfg, 1, 16, scaling.WARMUP + 2, tmp_path, "bare")
+    bare = scaling.bare_rate(small, threads=1)
+    assert bare["images_s"] > 0
+    rows = scaling.phase_shares(scaling._cfg(cfg, 2, 16, 2, tmp_path, "ph"), steps=2)
+    by_phase = {(r["rank"], r["phase"]): r for r in rows}
+    assert set(scaling.PHASES) <= {p for _, p in by_phase}
+    assert by_phase[(0, "gather_fwd")]["ms"] > 0 and by_phase[(1, "gather_bwd")]["ms"] > 0
+    shares = sum(r["share"] for r in rows if r["rank"] == 0 and r["phase"] in scaling.PHASES)
+    assert shares == pytest.approx(1.0)
