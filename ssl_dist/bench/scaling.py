@@ -123,26 +123,16 @@ def ray_rate(cfg: Config) -> dict[str, float]:
 
 def bare_rate(cfg: Config, threads: int) -> dict[str, float]:
     """The same training in one process (`threads` threads), no Ray, no DeepSpeed."""
-    from ssl_dist.train.local import run_local
+    from ssl_dist.bench.train import plain_rate
 
     c = cfg.model_copy(deep=True)
     c.scaling.cpus_per_worker = threads
-    times: list[float] = []
-    last = [time.perf_counter()]
-
-    def on_step(step: int, loss: float, metrics: dict) -> None:
-        now = time.perf_counter()
-        times.append(now - last[0])
-        last[0] = now
-
     saved = torch.get_num_threads()
     try:
-        run_local(c, knn=False, on_step=on_step)
+        r = plain_rate(c)
     finally:
         torch.set_num_threads(saved)
-    steady = times[WARMUP:] or times
-    step_s = sum(steady) / len(steady)
-    return {"images_s": c.data.batch_size / step_s, "step_ms": 1e3 * step_s}
+    return {"images_s": r["images_s"], "step_ms": r["step_ms"]}
 
 
 # ---------------------------------------------------------------- phase shares (gloo group)

@@ -30,7 +30,8 @@ def _cfg(manifest: str, storage: Path, method: str, global_batch: int, workers: 
     )  # fmt: skip
 
 
-def _plain(cfg: Config) -> dict:
+def plain_rate(cfg: Config) -> dict:
+    """Steady-state images/s of the single-process loop (no Ray, no DeepSpeed)."""
     from ssl_dist.train.local import run_local
 
     times: list[float] = []
@@ -75,7 +76,7 @@ def run(out: Path, work: Path, steps: int = 30, global_batch: int = 128,
         for kind, workers, stage in plans:
             name = f"{method}-{kind.split()[0]}-w{workers}-z{stage}-{time.time_ns()}"
             cfg = _cfg(manifest, work / "runs", method, global_batch, workers, stage, steps, name)
-            r = _plain(cfg) if kind == "plain torch" else _ray(cfg)
+            r = plain_rate(cfg) if kind == "plain torch" else _ray(cfg)
             rows.append({"method": method, "runner": kind, "workers": workers,
                          "zero": stage if kind == "ray" else "-", **r})  # fmt: skip
             print(f"  {method} {kind} workers={workers} zero={stage}: {r['images_s']:.0f} img/s",
