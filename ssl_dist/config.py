@@ -203,6 +203,9 @@ class TrackingConfig(_Strict):
     always the newest version, so nothing is set for it."""
     knn_every_epochs: int = Field(1, ge=0)
     """kNN accuracy on the val split every this many epochs and at the end (0: never)."""
+    flush_timeout_s: float = Field(60.0, gt=0)
+    """At the end of a worker's run, how long rank 0 keeps trying to send what is buffered
+    (the server may be down); what is left is reported in a warning."""
     knn_bank: int = Field(10000, ge=1)
     """Most train samples in the kNN bank."""
 

@@ -383,7 +383,7 @@ class _Tracker:
     def close(self, tags: dict[str, str] | None = None) -> None:
         if self.logger is None:
             return
-        self.logger.close(timeout_s=60.0)
+        self.logger.close(timeout_s=self.cfg.tracking.flush_timeout_s)
         run_id = self.logger.run_id
         if tags and run_id:
             from ssl_dist import tracking

@@ -101,7 +101,9 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
 def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path):
     # 1. Nothing listens at the tracking URI: training runs and checkpoints as usual.
     dead = f"http://127.0.0.1:{free_port()}"
-    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={dead}", "run.name=down")
+    # A short flush at the end: what matters is that training finishes, not the retries.
+    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={dead}", "run.name=down",
+                   "tracking.flush_timeout_s=5")  # fmt: skip
     t = time.perf_counter()
     with pytest.warns(UserWarning, match="MLflow"):
         path, metrics = pretrain(cfg)
@@ -112,7 +114,8 @@ def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path
     # 2. The server answers at first, then dies mid-run (SIGKILL, for good).
     server = MlflowServer(tmp_path / "server").start()
     cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={server.uri}", "run.name=dies",
-                   "run.max_steps=40", "run.epochs=10", "run.checkpoint_every=10")  # fmt: skip
+                   "run.max_steps=40", "run.epochs=10", "run.checkpoint_every=10",
+                   "tracking.flush_timeout_s=5")  # fmt: skip
     c = tracking.client(server.uri)
 
     def kill_after_first_metrics() -> None:
