@@ -15,7 +15,6 @@ from mlflow.pyfunc import PythonModel
 
 class EncoderModel(PythonModel):
     def load_context(self, context) -> None:
-        import torch
         import yaml
         from safetensors.torch import load_file
 
@@ -27,13 +26,13 @@ class EncoderModel(PythonModel):
         self.encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
         self.encoder.load_state_dict(load_file(context.artifacts["encoder"]), strict=True)
         self.encoder.eval()
-        torch.set_grad_enabled(False)
 
     def predict(self, context, model_input, params=None):
         import torch
 
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
-        return self.encoder(x).numpy()
+        with torch.no_grad():  # local: the caller's grad mode stays as it was
+            return self.encoder(x).numpy()
 
 
 mlflow.models.set_model(EncoderModel())

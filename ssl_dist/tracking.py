@@ -23,7 +23,8 @@ from __future__ import annotations
 import os
 import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -50,6 +51,32 @@ def resolve_uri(uri: str | None, storage_path: str) -> str:
         )
     folder = Path(storage_path).expanduser().resolve()
     return f"sqlite:///{folder / DEFAULT_DB}"
+
+
+_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@contextmanager
+def mlflow_uris(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking and registry URIs set to `uri` inside the block, then put
+    back as they were. Needed because MLflow resolves ``models:/name/version`` through the global
+    registry URI only; restored because ``set_tracking_uri`` also exports
+    ``MLFLOW_TRACKING_URI``, which would redirect every later default in this process."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in _URI_ENV}
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 def artifact_root(uri: str) -> str | None:
@@ -244,8 +271,8 @@ def start_run(cfg) -> str | None:
 class RunLogger:
     """Non-blocking metric and artifact logging for rank 0.
 
-    `metrics()` and `artifacts()` only append to in-memory buffers; a daemon thread sends them.
-    When the server cannot be reached the thread warns once, keeps at most `max_metrics`
+    `metrics()`, `tags()` and `artifacts()` only append to in-memory buffers; a daemon thread
+    sends them. When the server cannot be reached the thread warns once, keeps at most `max_metrics`
     metric values (oldest dropped first, and counted) and the newest `max_artifact_sets`
     artifact sets, and retries with backoff. If no run id is known yet (tracking was down when
     the driver started) the thread finds or creates the run once the server answers.
@@ -260,6 +287,7 @@ class RunLogger:
         self.max_artifact_sets, self.retry_max_s = max_artifact_sets, retry_max_s
         self._metrics: collections.deque = collections.deque(maxlen=max_metrics)
         self._artifacts: list[tuple[Path, str]] = []
+        self._tags: dict[str, str] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="ssl-dist-mlflow-"))
         self._cond = threading.Condition()
         self._closing = False
@@ -285,6 +313,12 @@ class RunLogger:
                 if len(self._metrics) == self._metrics.maxlen:
                     self.dropped_metrics += 1
                 self._metrics.append(Metric(k, float(v), ts, step))
+            self._cond.notify()
+
+    def tags(self, values: dict[str, str]) -> None:
+        """Set run tags (the newest value of each is sent)."""
+        with self._cond:
+            self._tags.update(values)
             self._cond.notify()
 
     def artifacts(self, files: list[Path], artifact_path: str) -> None:
@@ -314,7 +348,7 @@ class RunLogger:
             self._cond.notify()
         self._thread.join(timeout_s)
         with self._cond:
-            left = len(self._metrics) + len(self._artifacts)
+            left = len(self._metrics) + len(self._artifacts) + len(self._tags)
         if left or self.dropped_metrics or self.dropped_artifacts:
             warnings.warn(f"MLflow: {left} buffered items not sent, {self.dropped_metrics} "
                           f"metric values and {self.dropped_artifacts} checkpoint artifact sets "
@@ -331,9 +365,9 @@ class RunLogger:
         backoff = 0.5
         while True:
             with self._cond:
-                while not (self._metrics or self._artifacts or self._closing):
+                while not (self._metrics or self._artifacts or self._tags or self._closing):
                     self._cond.wait()
-                if self._closing and not (self._metrics or self._artifacts):
+                if self._closing and not (self._metrics or self._artifacts or self._tags):
                     return
             try:
                 self._send()
@@ -377,6 +411,16 @@ class RunLogger:
                 while self._metrics and id(self._metrics[0]) in sent:
                     self._metrics.popleft()
                 self.sent_metrics += len(batch)
+        with self._cond:
+            tags = dict(self._tags)
+        if tags:
+            from mlflow.entities import RunTag
+
+            c.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+            with self._cond:  # unless a newer value came meanwhile
+                for k, v in tags.items():
+                    if self._tags.get(k) == v:
+                        del self._tags[k]
         while True:
             with self._cond:
                 if not self._artifacts:
@@ -508,19 +552,18 @@ def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
     feats, labels, classes, example, out = _encoder_and_example(cfg, ckpt)
     c.log_figure(run_id, embedding_figure(feats, labels, classes), "figures/embedding_pca.png")
 
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
     code = Path(__file__).with_name("mlflow_model.py")
-    with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-        info = mlflow.pyfunc.log_model(
-            name=MODEL_NAME_IN_RUN,
-            python_model=str(code),
-            artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
-            signature=infer_signature(example, out),
-            input_example=example,
-        )
-    version = mlflow.register_model(info.model_uri, cfg.tracking.model_name)
+    with mlflow_uris(uri):  # log_model and register_model read the process-wide URIs
+        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+            info = mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(code),
+                artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
+                signature=infer_signature(example, out),
+                input_example=example,
+            )
+        version = mlflow.register_model(info.model_uri, cfg.tracking.model_name)
     tags = {"ssl_dist.run_key": run_key(cfg.run.storage_path, cfg.run.name),
             "ssl_dist.step": str(step), "ssl_dist.method": cfg.method.name,
             "ssl_dist.data_manifest": cfg.data.manifest}  # fmt: skip

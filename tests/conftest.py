@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ssl_dist.data.shards import Manifest, write_shards
 from ssl_dist.data.sources import Source, _array_split
@@ -22,6 +24,30 @@ def indexed_source(n_train: int, n_val: int = 0, size: int = 8, channels: int = 
             splits[name] = _array_split(name, images, np.arange(n))
     classes = [str(i) for i in range(max(n_train, n_val))]
     return Source("indexed", classes, channels, splits)
+
+
+_PROCESS_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
+@pytest.fixture(autouse=True)
+def no_leaked_process_state():
+    """Fails the test that leaves process-wide state changed for the tests after it: torch's
+    grad mode, or MLflow's URIs (``mlflow.set_tracking_uri`` exports an environment variable).
+    The state is put back either way, so one leak is reported once, where it happens."""
+    env = {k: os.environ.get(k) for k in _PROCESS_ENV}
+    yield
+    leaked = []
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        leaked.append("torch grad mode left disabled")
+    for key, value in env.items():
+        if os.environ.get(key) != value:
+            leaked.append(f"{key} changed to {os.environ.get(key)!r}")
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert not leaked, "; ".join(leaked)
 
 
 @pytest.fixture

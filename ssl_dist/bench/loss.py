@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ssl_dist.bench.report import table, timed, write
+from ssl_dist.bench.report import free_port, table, timed, write
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
 from ssl_dist.losses import nt_xent_loss
@@ -64,12 +63,6 @@ METHOD_COLUMNS = [
     "images_s_mean",
     "vs_simclr",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _slowest(seconds: float) -> float:
@@ -165,7 +158,7 @@ def loss_rows(
     job = {"batches": list(batches), "dim": dim, "temperature": temperature, "seconds": seconds}
     with tempfile.TemporaryDirectory() as tmp:
         result = str(Path(tmp) / "rows.json")
-        mp.spawn(_loss_worker, args=(world_size, _free_port(), job, result), nprocs=world_size)
+        mp.spawn(_loss_worker, args=(world_size, free_port(), job, result), nprocs=world_size)
         rows: list[dict[str, Any]] = json.loads(Path(result).read_text())
     return rows
 

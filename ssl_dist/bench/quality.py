@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -676,49 +676,3 @@ def run(
     print(table([{"phase": k, "seconds": v} for k, v in phases.items()], ["phase", "seconds"]))
     print(f"\nwrote {out} and {png}; mlflow run {run_id or 'not logged'} at {uri}")
     return doc
-
-
-def quality_command(
-    budget_min: Annotated[
-        float, typer.Option(help="Wall-clock minutes of pretraining (and of the supervised run).")
-    ] = 15.0,
-    method: Annotated[
-        str,
-        typer.Option(help="simclr | moco_v3 | both (both pretrains twice: twice the time)."),
-    ] = "simclr",
-    out: Annotated[Path, typer.Option(help="JSON results; the plot goes beside it (.png).")] = Path(
-        "bench-results/quality.json"
-    ),
-    work: Annotated[Path, typer.Option(help="Scratch dir: cached shards and Ray runs.")] = Path(
-        "work/bench-quality"
-    ),
-    config: Annotated[Path, typer.Option("--config", "-c", help="Pretraining recipe.")] = RECIPE,
-    override: Annotated[
-        list[str] | None, typer.Option("--override", "-o", help="Dotted recipe override.")
-    ] = None,
-    input: Annotated[
-        Path, typer.Option(help="Directory with the Fashion-MNIST IDX files.")
-    ] = FASHION_MNIST_DIR,
-    supervised: Annotated[
-        bool, typer.Option(help="Also train the supervised reference (same budget).")
-    ] = True,
-    tracking_uri: Annotated[
-        str | None,
-        typer.Option(help="MLflow URI (default $MLFLOW_TRACKING_URI, else sqlite work/runs)."),
-    ] = None,
-) -> None:
-    """Fashion-MNIST representation quality in a wall-clock budget vs pixels, init, supervised.
-
-    Pretrains on Ray workers for a wall-clock budget, then linear probe + kNN on the official
-    test set at every checkpoint, against raw pixels, random init and a supervised run of the
-    same budget. Table, JSON, PNG, MLflow.
-
-    Needs Debian's dataset-fashion-mnist (exit 2 naming it when missing). At the default budget
-    the whole bench takes about 2 x budget + 10 minutes (pretraining, supervised, probes)."""
-    if method not in (*METHODS, "both"):
-        raise ConfigError(f"--method must be simclr, moco_v3 or both (got {method!r})")
-    methods = METHODS if method == "both" else (method,)
-    os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
-    run(out=out, work=work, budget_min=budget_min, methods=methods, recipe=config,
-        input_dir=input, overrides=override or [], supervised=supervised,
-        tracking_uri=tracking_uri)  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -67,3 +68,10 @@ def write(out: Path, name: str, rows: list[dict[str, Any]], extra: dict[str, Any
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(doc, indent=2))
     os.replace(tmp, out)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a gloo group's rendezvous)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])

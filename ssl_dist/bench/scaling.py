@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -34,13 +33,13 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Any
 
 import torch
-import typer
 
 from ssl_dist.bench.quality import RECIPE, prepare_shards, require_fashion_mnist
-from ssl_dist.bench.report import table, write
+from ssl_dist.bench.report import free_port, table, write
+from ssl_dist.bench.train import plain_rate, ray_rate
 from ssl_dist.config import Config, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
 
@@ -113,18 +112,8 @@ def _cfg(base: Config, workers: int, global_batch: int, steps: int, storage: Pat
     return c
 
 
-def ray_rate(cfg: Config) -> dict[str, float]:
-    """Steady-state images/s and step time of the real trainer (Ray must be initialised)."""
-    from ssl_dist.train.driver import build_trainer, resolve_paths
-
-    m = build_trainer(resolve_paths(cfg)).fit().metrics or {}
-    return {"images_s": float(m["images_s"]), "step_ms": float(m["step_ms"])}
-
-
 def bare_rate(cfg: Config, threads: int) -> dict[str, float]:
     """The same training in one process (`threads` threads), no Ray, no DeepSpeed."""
-    from ssl_dist.bench.train import plain_rate
-
     c = cfg.model_copy(deep=True)
     c.scaling.cpus_per_worker = threads
     saved = torch.get_num_threads()
@@ -249,12 +238,6 @@ def _phase_worker(rank: int, world: int, port: int, job: dict[str, Any], result:
         Path(result).write_text(json.dumps(both.tolist()))
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def phase_shares(cfg: Config, steps: int, world: int = 2) -> list[dict[str, Any]]:
     """Per-phase median milliseconds and share of the step, per rank, from a spawned gloo
     group of `world` processes running the instrumented loop for `steps` timed steps."""
@@ -263,7 +246,7 @@ def phase_shares(cfg: Config, steps: int, world: int = 2) -> list[dict[str, Any]
     job = {"config": cfg.model_dump(mode="json"), "steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
         result = str(Path(tmp) / "phases.json")
-        mp.spawn(_phase_worker, args=(world, _free_port(), job, result), nprocs=world)
+        mp.spawn(_phase_worker, args=(world, free_port(), job, result), nprocs=world)
         per_rank = json.loads(Path(result).read_text())
     rows = []
     for rank, values in enumerate(per_rank):
@@ -395,35 +378,3 @@ def run(
     write(out, "scaling", rows, extra)
     print(f"\nwrote {out}")
     return {"bench": "scaling", "rows": rows, **extra}
-
-
-def scaling_command(
-    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
-        "bench-results/scaling.json"
-    ),
-    work: Annotated[Path, typer.Option(help="Scratch dir (shards shared with bench quality).")] = (
-        Path("work/bench-quality")
-    ),
-    config: Annotated[Path, typer.Option("--config", "-c", help="Recipe.")] = RECIPE,
-    override: Annotated[
-        list[str] | None, typer.Option("--override", "-o", help="Dotted recipe override.")
-    ] = None,
-    input: Annotated[
-        Path, typer.Option(help="Directory with the Fashion-MNIST IDX files.")
-    ] = FASHION_MNIST_DIR,
-    steps: Annotated[int, typer.Option(help="Timed steps per run (after 5 warm-up).")] = 30,
-    phase_steps: Annotated[
-        int, typer.Option(help="Timed steps of the instrumented phase loop.")
-    ] = 20,
-    cluster: Annotated[
-        bool, typer.Option(help="Also run 2 workers on a local 2-node Ray cluster.")
-    ] = True,
-) -> None:
-    """Fashion-MNIST recipe throughput: 1-2 workers, 2 nodes, bare loop, step shares, FLOP/s.
-
-    Images/s with 1 and 2 Ray workers and across 2 local Ray nodes, against a bare PyTorch
-    loop; step-time shares (data, augmentation, all-gather, forward/backward, all-reduce);
-    model FLOPs and achieved FLOP/s against the measured matmul peak. Table + JSON."""
-    os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
-    run(out=out, work=work, recipe=config, input_dir=input, steps=steps,
-        phase_steps=phase_steps, overrides=override or [], cluster=cluster)  # fmt: skip

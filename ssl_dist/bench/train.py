@@ -49,7 +49,8 @@ def plain_rate(cfg: Config) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
 
 
-def _ray(cfg: Config) -> dict:
+def ray_rate(cfg: Config) -> dict:
+    """Steady-state images/s, step time and memory of the real trainer (Ray initialised)."""
     from ssl_dist.train.driver import build_trainer, resolve_paths
 
     m = build_trainer(resolve_paths(cfg)).fit().metrics
@@ -76,7 +77,7 @@ def run(out: Path, work: Path, steps: int = 30, global_batch: int = 128,
         for kind, workers, stage in plans:
             name = f"{method}-{kind.split()[0]}-w{workers}-z{stage}-{time.time_ns()}"
             cfg = _cfg(manifest, work / "runs", method, global_batch, workers, stage, steps, name)
-            r = plain_rate(cfg) if kind == "plain torch" else _ray(cfg)
+            r = plain_rate(cfg) if kind == "plain torch" else ray_rate(cfg)
             rows.append({"method": method, "runner": kind, "workers": workers,
                          "zero": stage if kind == "ray" else "-", **r})  # fmt: skip
             print(f"  {method} {kind} workers={workers} zero={stage}: {r['images_s']:.0f} img/s",

@@ -424,13 +424,11 @@ def full_finetune(
         ``data``, and the settings.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
     from safetensors.torch import save as save_safetensors
 
     from ssl_dist.data.stream import open_shards
     from ssl_dist.dist import zero
-    from ssl_dist.train.driver import _use_gpu, _worker_env, connect, resolve_paths
+    from ssl_dist.train.driver import connect, make_trainer, resolve_paths
     from ssl_dist.train.parts import plan_steps
 
     if epochs < 1 or lr <= 0:
@@ -455,32 +453,10 @@ def full_finetune(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     connect(cfg)
-    use_gpu = _use_gpu(cfg)
-    if not use_gpu and cfg.zero.precision != "fp32":
-        raise ConfigError(
-            f"the source's zero.precision={cfg.zero.precision} needs GPUs; this cluster has none"
-        )
     weights = ray.put(save_safetensors(source.tensors))  # plain bytes to the workers
-    trainer = TorchTrainer(
-        finetune_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "weights": weights},
-        torch_config=TorchConfig(
-            backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.run.collective_timeout_s)
-        ),
-        scaling_config=ScalingConfig(
-            num_workers=workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker},
-        ),  # fmt: skip
-        # mypy sees Ray's V1 RunConfig (see pyproject); at run time it is the V2 one.
-        run_config=RunConfig(  # type: ignore[call-arg]
-            name=cfg.run.name,
-            storage_path=cfg.run.storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=1),
-            failure_config=FailureConfig(max_failures=0),
-            worker_runtime_env={"env_vars": _worker_env(use_gpu)},
-        ),
-    )
+    # One checkpoint (the result), no restarts: a failed fine-tune is simply run again.
+    trainer = make_trainer(cfg, finetune_loop_per_worker, {"weights": weights}, num_to_keep=1,
+                           max_failures=0)  # fmt: skip
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("fine-tuning finished without a checkpoint")

@@ -20,8 +20,6 @@ from __future__ import annotations
 import os
 import re
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from pydantic import ValidationError
 from torch import Tensor
 
 from ssl_dist.config import Config, ConfigError, _format_error
+from ssl_dist.tracking import mlflow_uris
 from ssl_dist.train.checkpoint import ENCODER
 
 CONFIG = "config.yaml"
@@ -182,32 +181,6 @@ def _check_sqlite(uri: str) -> None:
             raise ConfigError(
                 f"no MLflow database at {db}: pass --tracking-uri (or MLFLOW_TRACKING_URI)"
             )
-
-
-_URI_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
-
-
-@contextmanager
-def mlflow_uris(uri: str) -> Iterator[None]:
-    """MLflow's process-wide tracking and registry URIs set to `uri` inside the block, then put
-    back as they were. Needed because MLflow resolves ``models:/name/version`` through the global
-    registry URI only; restored because ``set_tracking_uri`` also exports
-    ``MLFLOW_TRACKING_URI``, which would redirect every later default in this process."""
-    import mlflow
-
-    saved = {k: os.environ.get(k) for k in _URI_ENV}
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
-        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def _load_mlflow(uri: str, tracking_uri: str) -> EncoderSource:

@@ -25,7 +25,9 @@ elastic.py``):
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ssl_dist.config import Config, ConfigError
 from ssl_dist.data.stream import open_shards
@@ -98,21 +100,28 @@ def check_elastic(cfg: Config) -> None:
 
 
 def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
+    from ssl_dist.train.loop import train_loop_per_worker
+
+    check_elastic(cfg)
+    return make_trainer(cfg, train_loop_per_worker, {"mlflow_run_id": mlflow_run_id})
+
+
+def make_trainer(cfg: Config, loop: Callable[[dict], None], extra: dict[str, Any],
+                 num_to_keep: int | None = None, max_failures: int | None = None):  # fmt: skip
+    """A TorchTrainer running `loop` on `cfg`'s workers; the loop gets ``{"config": cfg as JSON,
+    **extra}``. Refuses 16-bit precision without GPUs (exit 2)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ssl_dist.train.loop import train_loop_per_worker
 
     use_gpu = _use_gpu(cfg)
     if not use_gpu and cfg.zero.precision != "fp32":
         raise ConfigError(
             f"zero.precision={cfg.zero.precision} needs GPUs; this run has none: use fp32"
         )
-    check_elastic(cfg)
     # mypy sees Ray's V1 config classes (see pyproject); at run time these are the V2 ones.
     return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": mlflow_run_id},
+        loop,
+        train_loop_config={"config": cfg.model_dump(mode="json"), **extra},
         torch_config=TorchConfig(
             backend="nccl" if use_gpu else "gloo", timeout_s=int(cfg.run.collective_timeout_s)
         ),
@@ -124,8 +133,12 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
         run_config=RunConfig(
             name=cfg.run.name,
             storage_path=_storage_path(cfg),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.run.num_to_keep),
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.run.num_to_keep if num_to_keep is None else num_to_keep
+            ),
+            failure_config=FailureConfig(
+                max_failures=cfg.run.max_failures if max_failures is None else max_failures
+            ),
             worker_runtime_env={"env_vars": _worker_env(use_gpu)},
         ),
     )

@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state.world_sizes[-1][1] != world_size:
         state.world_sizes.append([state.step, world_size])
     tracker = _Tracker(cfg, state, config.get("mlflow_run_id"), shards, views, device, rank)
-    tracker.world_size(state.step, world_size)
+    tracker.world_size(state.step, world_size, state.world_sizes)
 
     bar = _progress(plan.total_steps, state.step) if rank == 0 else None
     speed = _Speed(state.step)
@@ -173,7 +173,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         break
     if bar is not None:
         bar.close()
-    tracker.close({"ssl_dist.world_size_history": json.dumps(state.world_sizes)})
+    tracker.close()
     if _Preempted.flag:
         raise SystemExit("preempted: final checkpoint written")
 
@@ -324,7 +324,6 @@ class _Tracker:
             uri = tracking.resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
             run_id = state.mlflow_run_id or driver_run_id
             self.logger = tracking.RunLogger(cfg, uri, run_id)
-            self.uri = uri
         self._proc: Any = None
 
     @property
@@ -339,10 +338,12 @@ class _Tracker:
         out.update(self._system())
         self.logger.metrics(step, out)
 
-    def world_size(self, step: int, size: int) -> None:
-        """Logged at every (re)start: the metric's history is the run's world-size history."""
+    def world_size(self, step: int, size: int, history: list[list[int]]) -> None:
+        """Logged at every (re)start: the metric's history is the run's world-size history;
+        the tag holds it whole (``[step, size]`` pairs)."""
         if self.logger is not None:
             self.logger.metrics(step, {"world_size": float(size)})
+            self.logger.tags({"ssl_dist.world_size_history": json.dumps(history)})
 
     def _system(self) -> dict[str, float]:
         import psutil
@@ -380,17 +381,6 @@ class _Tracker:
         files = [directory / ckpt.ENCODER, directory / "config.yaml", directory / ckpt.STATE]
         self.logger.artifacts(files, f"checkpoints/step-{step:08d}")
 
-    def close(self, tags: dict[str, str] | None = None) -> None:
-        if self.logger is None:
-            return
-        self.logger.close(timeout_s=self.cfg.tracking.flush_timeout_s)
-        run_id = self.logger.run_id
-        if tags and run_id:
-            from ssl_dist import tracking
-
-            def set_tags() -> None:
-                c = tracking.client(self.uri)
-                for k, v in tags.items():
-                    c.set_tag(run_id, k, v)
-
-            tracking.bounded(set_tags, 30.0, "set tags")
+    def close(self) -> None:
+        if self.logger is not None:
+            self.logger.close(timeout_s=self.cfg.tracking.flush_timeout_s)

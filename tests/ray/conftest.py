@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -46,3 +47,26 @@ def tiny_cfg(digits_shards, tmp_path):
         )  # fmt: skip
 
     return make
+
+
+@contextlib.contextmanager
+def two_nodes():
+    """A local Ray cluster of two 1-CPU nodes (head + one), connected; shut down after."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=True)
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+@pytest.fixture
+def two_node_cluster():
+    with two_nodes() as cluster:
+        yield cluster

@@ -25,6 +25,7 @@ import pytest
 from ssl_dist import tracking
 from ssl_dist.train.checkpoint import STATE
 from ssl_dist.train.driver import ELASTIC_RESIZE_INTERVAL_ENV, pretrain
+from tests.ray.conftest import two_nodes
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -34,20 +35,14 @@ MAX_STEPS = 200
 @pytest.fixture
 def elastic_cluster(monkeypatch):
     import ray
-    from ray.cluster_utils import Cluster
 
     monkeypatch.setenv(ELASTIC_RESIZE_INTERVAL_ENV, "1")
     monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "10")
     # The nodes are added from a thread while the driver trains in the main thread (Ray Train
     # installs its SIGINT handler there); a Node's SIGTERM hook can only be set in the main one.
     monkeypatch.setattr(ray._private.utils, "set_sigterm_handler", lambda handler: None)
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=True)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
+    with two_nodes() as cluster:
+        yield cluster
 
 
 def _states(run_dir: Path) -> list[dict]:

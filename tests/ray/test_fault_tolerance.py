@@ -16,20 +16,6 @@ from ssl_dist.train.driver import run_pretrain
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-@pytest.fixture
-def two_node_cluster():
-    import ray
-    from ray.cluster_utils import Cluster
-
-    ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    cluster.add_node(num_cpus=1)
-    ray.init(address=cluster.address, log_to_driver=True)
-    yield cluster
-    ray.shutdown()
-    cluster.shutdown()
-
-
 def _kill_a_worker_after_checkpoint(run_dir: Path, min_step: int, killed: list) -> None:
     import psutil
 

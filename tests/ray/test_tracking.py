@@ -80,8 +80,10 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     import mlflow
     import numpy as np
 
-    mlflow.set_tracking_uri(uri)
-    model = mlflow.pyfunc.load_model("models:/tiny-encoder@candidate")
+    from ssl_dist.tracking import mlflow_uris
+
+    with mlflow_uris(uri):
+        model = mlflow.pyfunc.load_model("models:/tiny-encoder@candidate")
     x = np.zeros((2, cfg.data.channels, cfg.data.image_size, cfg.data.image_size), np.float32)
     assert model.predict(x).shape == (2, 8)  # thin ResNet, last width 8
 

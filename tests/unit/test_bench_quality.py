@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import typer
 from typer.testing import CliRunner
 
 from ssl_dist.bench import quality, scaling
@@ -31,11 +30,10 @@ def _cfg(manifest: Path, tmp: Path, *extra: str) -> Config:
 
 
 def test_missing_data_exits_2_with_the_install_hint(tmp_path):
-    app = typer.Typer()
-    app.command("quality")(quality.quality_command)
-    app.command("scaling")(scaling.scaling_command)
+    from ssl_dist.cli import app
+
     for cmd in ("quality", "scaling"):
-        args = [cmd, "--input", str(tmp_path / "none"), "--work", str(tmp_path / "w")]
+        args = ["bench", cmd, "--input", str(tmp_path / "none"), "--work", str(tmp_path / "w")]
         if cmd == "quality":
             args += ["--out", str(tmp_path / "q.json")]
         r = CliRunner().invoke(app, args)

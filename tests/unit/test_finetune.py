@@ -22,7 +22,7 @@ from ssl_dist.evaluate.finetune import (
     probe_features,
     run_finetune,
 )
-from ssl_dist.evaluate.source import EncoderSource, load_source, mlflow_uris
+from ssl_dist.evaluate.source import EncoderSource, load_source
 from ssl_dist.models import build_encoder
 from ssl_dist.train import local, parts
 from ssl_dist.train.checkpoint import ENCODER, encoder_state, save_encoder
@@ -225,7 +225,7 @@ def test_registered_model_sources_lineage_and_tags(tmp_path, digits_dir, monkeyp
     code.write_text(MODEL_CODE)
     client = tracking.client(uri)
     exp = tracking.experiment_id(client, "ssl-dist", uri)
-    with mlflow_uris(uri), mlflow.start_run(experiment_id=exp) as run:
+    with tracking.mlflow_uris(uri), mlflow.start_run(experiment_id=exp) as run:
         mlflow.log_artifacts(str(ckpt), "checkpoint")
         info = mlflow.pyfunc.log_model(
             name="encoder", python_model=str(code), pip_requirements=["torch"],
