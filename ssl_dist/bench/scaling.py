@@ -293,6 +293,7 @@ def run(
     storage = work / "scaling-runs"
     steps_all = WARMUP + steps
 
+    load_before = os.getloadavg()  # recorded: other work on the machine skews every number
     _say("fp32 matmul peak and model FLOPs")
     peak1 = matmul_gflops(1)
     peak_all = matmul_gflops(cores)
@@ -374,7 +375,8 @@ def run(
     extra = {"phases": phases, "machine_peaks": machine_rows, "flops": flops,
              "throughput_check": check, "global_batch": global_batch, "steps": steps,
              "warmup": WARMUP, "recipe": str(recipe), "overrides": list(overrides),
-             "note": "machine shared with other jobs while measuring: noisy"}  # fmt: skip
+             "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+             "cpu_count": cores}  # fmt: skip
     write(out, "scaling", rows, extra)
     print(f"\nwrote {out}")
     return {"bench": "scaling", "rows": rows, **extra}
