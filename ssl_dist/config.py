@@ -224,6 +224,11 @@ class RunConfig(_Strict):
     stop_at_step: int | None = Field(None, ge=1)
     """End this invocation after this step with a checkpoint; the schedule still spans the whole
     run, and running the same name again continues (time-boxed jobs, tests)."""
+    time_limit_s: float | None = Field(None, gt=0)
+    """Wall-clock seconds for this invocation, counted from when the driver builds the trainer
+    (worker start-up included): at the first step past it every worker stops with a checkpoint,
+    as with `stop_at_step` (the schedule still spans the whole run; running the same name again
+    continues). For jobs with a hard time slot and time-boxed benchmarks."""
     checkpoint_every: int = Field(100, ge=1)
     """Save a checkpoint every this many steps (and at the end)."""
     num_to_keep: int = Field(2, ge=1)

@@ -61,6 +61,8 @@ CALIBRATION_STEPS = 12
 """Steps of the calibration run: 5 warm-up steps (not timed by the loop) + 7 timed."""
 CHECKPOINT_S = 1.5
 """Allowance per extra checkpoint when planning steps (DeepSpeed save + Ray persist)."""
+FINAL_SAVE_S = 5.0
+"""Seconds kept back from the budget for the last step and checkpoint after the time limit."""
 EVAL_BATCH = 500
 EXPERIMENT = "ssl-dist-bench"
 COLUMNS = ["encoder", "method", "train_s", "step", "epochs", "probe_top1", "knn_top1",
@@ -361,6 +363,9 @@ def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     steps, every = plan_budget(budget_s, cal)
     c = cfg.model_copy(deep=True)
     c.run.max_steps, c.run.checkpoint_every = steps, every
+    # The plan usually ends the schedule in time; the limit holds the budget when the
+    # calibration was optimistic (a stop then leaves the schedule's tail unrun, reported).
+    c.run.time_limit_s = max(1.0, budget_s - FINAL_SAVE_S)
     c.run.num_to_keep = max(c.run.num_to_keep, CHECKPOINTS + 2)
     c.run.epochs = max(c.run.epochs, 10_000)  # max_steps decides
     workers = c.scaling.num_workers
@@ -561,6 +566,7 @@ def run(
         uri = tracking.resolve_uri(tracking_uri, DEFAULT_STORAGE)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    load_before = os.getloadavg()  # recorded: other work on the machine skews every number
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfgs = {m: bench_config(recipe, manifest, work, m, f"quality-{m}-{stamp}", overrides, uri)
             for m in methods}  # fmt: skip
@@ -657,9 +663,11 @@ def run(
         "image_size": base.data.image_size, "curves": curves, "calibration": calibrations,
         "phases_s": phases, "supervised": sup_info, "plot": str(png), "tracking_uri": uri,
         "pretrain_runs": [{"method": p.method, "run": p.cfg.run.name, "max_steps": p.max_steps,
-                           "wall_s": p.wall_s, "epochs": p.epochs,
-                           "mlflow": p.metrics.get("mlflow")} for p in runs],
-        "note": "machine shared with other jobs while measuring: timings are noisy",
+                           "last_step": p.points[-1].step, "wall_s": p.wall_s,
+                           "stopped_by_time_limit": p.points[-1].step < p.max_steps,
+                           "epochs": p.epochs, "mlflow": p.metrics.get("mlflow")} for p in runs],
+        "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+        "cpu_count": os.cpu_count(),
     }  # fmt: skip
     write(out, "quality", rows, doc_extra)
     linked = [str((p.metrics.get("mlflow") or {}).get("run_id")) for p in runs

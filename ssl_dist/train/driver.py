@@ -25,6 +25,7 @@ elastic.py``):
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,7 +104,10 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
     from ssl_dist.train.loop import train_loop_per_worker
 
     check_elastic(cfg)
-    return make_trainer(cfg, train_loop_per_worker, {"mlflow_run_id": mlflow_run_id})
+    limit = cfg.run.time_limit_s
+    deadline = time.time() + limit if limit else None  # epoch seconds: every node compares
+    return make_trainer(cfg, train_loop_per_worker,
+                        {"mlflow_run_id": mlflow_run_id, "deadline": deadline})  # fmt: skip
 
 
 def make_trainer(cfg: Config, loop: Callable[[dict], None], extra: dict[str, Any],

@@ -114,6 +114,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state.world_sizes[-1][1] != world_size:
         state.world_sizes.append([state.step, world_size])
     tracker = _Tracker(cfg, state, config.get("mlflow_run_id"), shards, views, device, rank)
+    deadline = config.get("deadline")
     tracker.world_size(state.step, world_size, state.world_sizes)
 
     bar = _progress(plan.total_steps, state.step) if rank == 0 else None
@@ -141,7 +142,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             speed.tick(state.step, batch.images.shape[0] * micro * world_size)
             momentum = zero.momentum_update(method, state.step, plan.total_steps)
             done = state.step >= plan.total_steps
-            stop = _agree_to_stop() or state.step == cfg.run.stop_at_step
+            stop = _agree_to_stop(deadline, rank, state.step) or state.step == cfg.run.stop_at_step
             if state.step % cfg.run.log_every == 0 or done:
                 if rank == 0 and "://" not in cfg.run.storage_path:
                     ckpt.write_progress(run_dir, state.step)  # for "steps lost" after a restart
@@ -228,12 +229,17 @@ def _resize(state: ckpt.TrainState, world_size: int, plan: StepPlan, micro: int,
               "in all", file=sys.stderr)  # fmt: skip
 
 
-def _agree_to_stop() -> bool:
-    """True on every rank when any rank got SIGTERM (a one-int all_reduce per step)."""
-    flag = collectives.all_reduce_max(torch.tensor([1.0 if _Preempted.flag else 0.0]))
-    if flag.item() > 0:
+def _agree_to_stop(deadline: float | None, rank: int, step: int) -> bool:
+    """True on every rank when any rank got SIGTERM or is past the run's time limit
+    (`deadline`, epoch seconds): a two-value all_reduce per step."""
+    late = deadline is not None and time.time() >= deadline
+    flags = collectives.all_reduce_max(torch.tensor([float(_Preempted.flag), float(late)]))
+    if flags[0].item() > 0:
         _Preempted.flag = True
-    return _Preempted.flag
+    if flags[1].item() > 0 and rank == 0 and not _Preempted.flag:
+        print(f"run.time_limit_s reached at step {step}: stopping with a checkpoint; run the "
+              "same name again to continue", file=sys.stderr)  # fmt: skip
+    return _Preempted.flag or flags[1].item() > 0
 
 
 class _Speed:

@@ -52,3 +52,20 @@ def test_resume_matches_uninterrupted(local_ray, tiny_cfg, method, stage):
     # And the run did move: the final weights differ from the step-3 ones.
     halfway = load_encoder(first / ENCODER)
     assert any(not torch.equal(halfway[k], straight[k]) for k in straight)
+
+
+def test_time_limit_stops_with_a_checkpoint(local_ray, tiny_cfg):
+    """run.time_limit_s: a run planned far past the limit stops soon after it, on every
+    worker at the same step, with a checkpoint to continue from."""
+    import time
+
+    limit = 20.0
+    start = time.perf_counter()
+    d = _final(run_pretrain(tiny_cfg("run.name=timed", "run.max_steps=100000",
+                                     "run.checkpoint_every=100000",
+                                     f"run.time_limit_s={limit}")))  # fmt: skip
+    wall = time.perf_counter() - start
+    state = json.loads((d / STATE).read_text())
+    assert 1 <= state["step"] < 100000
+    # Past the limit by at most a step, a checkpoint and the teardown.
+    assert limit <= wall < limit + 40, wall
