@@ -218,6 +218,15 @@ class MoCoV2(_MoCo):
         return local[:, 0], local[:, 1], k_all[:, 1]
 
     @torch.no_grad()
+    def realign_queue(self, keys_per_step: int) -> None:
+        """After a world-size change: each step writes `keys_per_step` keys at a pointer that
+        must be a multiple of it, so move the pointer up to the next multiple (the rows it skips
+        hold the oldest keys, overwritten on the next pass)."""
+        p = int(self.queue_ptr)
+        if p % keys_per_step:
+            self.queue_ptr.fill_((p + keys_per_step - p % keys_per_step) % self.queue.shape[0])
+
+    @torch.no_grad()
     def _enqueue(self, keys: Tensor) -> None:
         """Write normalised ``keys [M, D]`` at ``queue_ptr`` (M divides K) and advance it."""
         size, m = self.queue.shape[0], keys.shape[0]

@@ -46,6 +46,7 @@ import torch
 from ssl_dist.config import Config, to_yaml
 from ssl_dist.data.stream import open_shards, stream
 from ssl_dist.dist import collectives, zero
+from ssl_dist.methods.moco import MoCoV2
 from ssl_dist.train import checkpoint as ckpt
 from ssl_dist.train.parts import StepPlan, build_model, build_views, plan_steps, view_seed
 
@@ -213,15 +214,8 @@ def _resize(state: ckpt.TrainState, world_size: int, plan: StepPlan, micro: int,
     state.batch_in_epoch = old * state.world_size // world_size // micro * micro
     if state.batch_in_epoch >= plan.batches_per_epoch:
         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-    # MoCo v2 writes one global batch of keys per micro-batch at a pointer that must be a
-    # multiple of it; move the pointer up to the next multiple (the rows it skips hold the
-    # oldest keys, overwritten on the next pass).
-    ptr, queue = getattr(method, "queue_ptr", None), getattr(method, "queue", None)
-    if isinstance(ptr, torch.Tensor) and isinstance(queue, torch.Tensor):
-        keys = cfg.data.batch_size * (world_size if cfg.method.gather else 1)
-        p = int(ptr)
-        if p % keys:
-            ptr.fill_((p + keys - p % keys) % queue.shape[0])
+    if isinstance(method, MoCoV2):  # one global batch of keys per micro-batch
+        method.realign_queue(cfg.data.batch_size * (world_size if cfg.method.gather else 1))
     if rank == 0:
         print(f"world size {state.world_size} -> {world_size}: stream position micro-batch "
               f"{old} -> {state.batch_in_epoch} of epoch {state.epoch}, global batch "

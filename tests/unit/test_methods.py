@@ -178,6 +178,17 @@ def test_simclr_momentum_update_is_a_noop() -> None:
         assert torch.equal(v, before[k]), k
 
 
+def test_moco_v2_realign_queue_after_a_world_size_change() -> None:
+    """Keys per step change with the world size: the pointer moves up to the next multiple
+    (wrapping at the end of the queue) and stays where it already is one."""
+    method = _method("moco_v2", queue_size=12)
+    assert isinstance(method, MoCoV2)
+    for ptr, keys, want in [(4, 6, 6), (8, 6, 0), (6, 6, 6), (0, 4, 0), (9, 4, 0), (5, 3, 6)]:
+        method.queue_ptr.fill_(ptr)
+        method.realign_queue(keys)
+        assert int(method.queue_ptr) == want, (ptr, keys)
+
+
 def test_moco_v2_queue_state_pointer_and_contents() -> None:
     method = _method("moco_v2", queue_size=2 * BATCH)
     assert isinstance(method, MoCoV2)
