@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from ssl_dist.bench.report import free_port, table, timed, write
+from ssl_dist.bench.report import free_port, table, timed, torch_threads, write
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
 from ssl_dist.losses import nt_xent_loss
@@ -258,12 +258,8 @@ def run(
         The document written to ``out``.
     """
     loss = loss_rows(batches, dim, world_size, temperature, seconds)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         per_method = method_rows(methods, method_batch, image_size, widths, seconds)
-    finally:
-        torch.set_num_threads(previous)
     print(f"NT-Xent forward+backward, D={dim}, world {world_size} (gloo, 1 thread per rank)")
     print(table(loss, LOSS_COLUMNS))
     print()

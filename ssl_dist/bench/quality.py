@@ -43,7 +43,7 @@ import torch.nn.functional as F
 import typer
 from torch import Tensor, nn
 
-from ssl_dist.bench.report import table, write
+from ssl_dist.bench.report import table, torch_threads, write
 from ssl_dist.config import Config, ConfigError, DataConfig, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
 
@@ -191,7 +191,7 @@ class Evaluator:
                                  self.num_classes)  # fmt: skip
 
     def encoder(self, encoder: nn.Module) -> dict[str, Any]:
-        with _threads(self.threads):
+        with torch_threads(self.threads):
             start = time.perf_counter()
             tx = encode(encoder, self.train.images, self.views)
             vx = encode(encoder, self.val.images, self.views)
@@ -200,7 +200,7 @@ class Evaluator:
 
     def pixels(self, size: int | None = None) -> dict[str, Any]:
         def score() -> dict[str, Any]:
-            with _threads(self.threads):
+            with torch_threads(self.threads):
                 tx = raw_pixels(self.train.images, self.views, size)
                 vx = raw_pixels(self.val.images, self.views, size)
                 return self._score(tx, vx)
@@ -215,6 +215,7 @@ class Evaluator:
 
     def _cached(self, key: dict[str, Any], score: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         from ssl_dist.evaluate.finetune import WD_GRID
+        from ssl_dist.train.checkpoint import write_atomic
 
         if self.cache is None:
             return score()
@@ -230,21 +231,8 @@ class Evaluator:
         result = score()
         saved[digest] = result
         self.cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache.with_name(f".{self.cache.name}.tmp")
-        tmp.write_text(json.dumps(saved, indent=1))
-        os.replace(tmp, self.cache)
+        write_atomic(self.cache, json.dumps(saved, indent=1))
         return result
-
-
-class _threads:
-    def __init__(self, n: int) -> None:
-        self.n, self.saved = n, torch.get_num_threads()
-
-    def __enter__(self) -> None:
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *exc: object) -> None:
-        torch.set_num_threads(self.saved)
 
 
 def init_encoder(cfg: Config) -> nn.Module:
@@ -403,7 +391,7 @@ def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, bu
     (scale 0.5-1) and flip; stops when the time is up. Single process, `threads` threads."""
     import kornia.augmentation as K
 
-    with _threads(threads):
+    with torch_threads(threads):
         encoder = init_encoder(cfg)
         head = nn.Linear(int(encoder.num_features), int(train.labels.max()) + 1)  # type: ignore[arg-type]
         model = nn.Sequential(encoder, head)

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from ssl_dist.bench.quality import RECIPE, prepare_shards, require_fashion_mnist
-from ssl_dist.bench.report import free_port, table, write
+from ssl_dist.bench.report import free_port, table, torch_threads, write
 from ssl_dist.bench.train import plain_rate, ray_rate
 from ssl_dist.config import Config, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
@@ -57,9 +57,7 @@ RATE_COLUMNS = ["runner", "nodes", "workers", "per_worker_batch", "images_s", "s
 def matmul_gflops(threads: int, seconds: float = 2.0, n: int = 1024,
                   dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
     """Sustained ``n x n`` matmul GFLOP/s with `threads` intra-op threads (best of 3 rounds)."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         a @ b  # warm-up (and oneDNN / AMX kernel selection)
         best = 0.0
@@ -70,8 +68,6 @@ def matmul_gflops(threads: int, seconds: float = 2.0, n: int = 1024,
                 k += 1
             best = max(best, 2 * n**3 * k / (time.perf_counter() - start) / 1e9)
         return best
-    finally:
-        torch.set_num_threads(saved)
 
 
 def model_flops(cfg: Config, batch: int = 16) -> dict[str, float]:
@@ -116,11 +112,8 @@ def bare_rate(cfg: Config, threads: int) -> dict[str, float]:
     """The same training in one process (`threads` threads), no Ray, no DeepSpeed."""
     c = cfg.model_copy(deep=True)
     c.scaling.cpus_per_worker = threads
-    saved = torch.get_num_threads()
-    try:
+    with torch_threads(threads):  # plain_rate sets the count itself; restored after
         r = plain_rate(c)
-    finally:
-        torch.set_num_threads(saved)
     return {"images_s": r["images_s"], "step_ms": r["step_ms"]}
 
 
