@@ -353,7 +353,10 @@ def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     c.run.max_steps, c.run.checkpoint_every = steps, every
     # The plan usually ends the schedule in time; the limit holds the budget when the
     # calibration was optimistic (a stop then leaves the schedule's tail unrun, reported).
-    c.run.time_limit_s = max(1.0, budget_s - FINAL_SAVE_S)
+    # A budget too small for the shortest run (start-up plus CHECKPOINTS steps) gets no limit:
+    # it runs those steps.
+    if steps > CHECKPOINTS:
+        c.run.time_limit_s = budget_s - FINAL_SAVE_S
     c.run.num_to_keep = max(c.run.num_to_keep, CHECKPOINTS + 2)
     c.run.epochs = max(c.run.epochs, 10_000)  # max_steps decides
     workers = c.scaling.num_workers

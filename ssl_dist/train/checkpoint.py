@@ -45,6 +45,9 @@ class TrainState:
     """``[step, world size]`` at the start and wherever the world size changed (elastic runs);
     the first entry's size fixes the run's step plan (and, under ``keep_global_batch``, its
     global batch)."""
+    stopped: str | None = None
+    """Why the run stopped at this checkpoint before its last step: ``time_limit``,
+    ``preempted`` or ``stop_at_step``; None for periodic and final checkpoints."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)

@@ -60,6 +60,8 @@ class _Preempted:
 
     @classmethod
     def install(cls) -> None:
+        cls.flag = False  # a fresh segment, even in a process that was preempted before
+
         def handler(signum: int, frame: Any) -> None:
             cls.flag = True
 
@@ -115,7 +117,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if state.world_sizes[-1][1] != world_size:
         state.world_sizes.append([state.step, world_size])
     tracker = _Tracker(cfg, state, config.get("mlflow_run_id"), shards, views, device, rank)
+    # The driver's deadline (epoch seconds, the same on every node) on this worker's monotonic
+    # clock: a wall-clock step during the run cannot move it.
     deadline = config.get("deadline")
+    if deadline is not None:
+        deadline = time.monotonic() + deadline - time.time()
+    state.stopped = None
     tracker.world_size(state.step, world_size, state.world_sizes)
 
     bar = _progress(plan.total_steps, state.step) if rank == 0 else None
@@ -143,7 +150,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             speed.tick(state.step, batch.images.shape[0] * micro * world_size)
             momentum = zero.momentum_update(method, state.step, plan.total_steps)
             done = state.step >= plan.total_steps
-            stop = _agree_to_stop(deadline, rank, state.step) or state.step == cfg.run.stop_at_step
+            stop = _agree_to_stop(deadline, rank, state.step) or (
+                "stop_at_step" if state.step == cfg.run.stop_at_step else None
+            )
+            state.stopped = None if done else stop
             if state.step % cfg.run.log_every == 0 or done:
                 if rank == 0 and "://" not in cfg.run.storage_path:
                     ckpt.write_progress(run_dir, state.step)  # for "steps lost" after a restart
@@ -223,17 +233,21 @@ def _resize(state: ckpt.TrainState, world_size: int, plan: StepPlan, micro: int,
               "in all", file=sys.stderr)  # fmt: skip
 
 
-def _agree_to_stop(deadline: float | None, rank: int, step: int) -> bool:
-    """True on every rank when any rank got SIGTERM or is past the run's time limit
-    (`deadline`, epoch seconds): a two-value all_reduce per step."""
-    late = deadline is not None and time.time() >= deadline
+def _agree_to_stop(deadline: float | None, rank: int, step: int) -> str | None:
+    """``preempted`` / ``time_limit`` on every rank when any rank got SIGTERM or is past the
+    run's time limit (`deadline`, on time.monotonic()), else None: a two-value all_reduce per
+    step."""
+    late = deadline is not None and time.monotonic() >= deadline
     flags = collectives.all_reduce_max(torch.tensor([float(_Preempted.flag), float(late)]))
     if flags[0].item() > 0:
         _Preempted.flag = True
-    if flags[1].item() > 0 and rank == 0 and not _Preempted.flag:
-        print(f"run.time_limit_s reached at step {step}: stopping with a checkpoint; run the "
-              "same name again to continue", file=sys.stderr)  # fmt: skip
-    return _Preempted.flag or flags[1].item() > 0
+        return "preempted"
+    if flags[1].item() > 0:
+        if rank == 0:
+            print(f"run.time_limit_s reached at step {step}: stopping with a checkpoint; run the "
+                  "same name again to continue", file=sys.stderr)  # fmt: skip
+        return "time_limit"
+    return None
 
 
 class _Speed:

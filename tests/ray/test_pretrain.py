@@ -44,8 +44,11 @@ def test_resume_matches_uninterrupted(local_ray, tiny_cfg, method, stage):
               "run.checkpoint_every=100"]  # fmt: skip
     straight = load_encoder(_final(run_pretrain(tiny_cfg(*common, "run.name=straight"))) / ENCODER)
     first = _final(run_pretrain(tiny_cfg(*common, "run.name=split", "run.stop_at_step=3")))
-    assert json.loads((first / STATE).read_text())["step"] == 3
-    resumed = load_encoder(_final(run_pretrain(tiny_cfg(*common, "run.name=split"))) / ENCODER)
+    stopped = json.loads((first / STATE).read_text())
+    assert stopped["step"] == 3 and stopped["stopped"] == "stop_at_step"
+    last = _final(run_pretrain(tiny_cfg(*common, "run.name=split")))
+    assert json.loads((last / STATE).read_text())["stopped"] is None
+    resumed = load_encoder(last / ENCODER)
     assert resumed.keys() == straight.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-6, atol=1e-7, msg=k)
@@ -61,11 +64,11 @@ def test_time_limit_stops_with_a_checkpoint(local_ray, tiny_cfg):
 
     limit = 20.0
     start = time.perf_counter()
-    d = _final(run_pretrain(tiny_cfg("run.name=timed", "run.max_steps=100000",
+    d = _final(run_pretrain(tiny_cfg("run.name=timed", "run.epochs=100000", "run.max_steps=100000",
                                      "run.checkpoint_every=100000",
                                      f"run.time_limit_s={limit}")))  # fmt: skip
     wall = time.perf_counter() - start
     state = json.loads((d / STATE).read_text())
-    assert 1 <= state["step"] < 100000
+    assert 1 <= state["step"] < 100000 and state["stopped"] == "time_limit"
     # Past the limit by at most a step, a checkpoint and the teardown.
     assert limit <= wall < limit + 40, wall

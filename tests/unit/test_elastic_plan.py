@@ -7,11 +7,11 @@ from __future__ import annotations
 import warnings
 
 import pytest
-import torch
 from torch import nn
 
-from ssl_dist.config import Config, ConfigError
+from ssl_dist.config import Config, ConfigError, ModelConfig
 from ssl_dist.data.stream import ShardSet
+from ssl_dist.methods import build_method
 from ssl_dist.train import checkpoint as ckpt
 from ssl_dist.train.driver import _scaling, check_elastic
 from ssl_dist.train.loop import _elastic_plan, _resize
@@ -19,6 +19,7 @@ from ssl_dist.train.parts import plan_steps
 
 pytestmark = pytest.mark.unit
 
+TINY = ModelConfig(widths=(4, 8, 8, 8), proj_hidden=16, proj_dim=8, pred_hidden=16)
 SHARDS = ShardSet(manifest=None, urls=[], counts=[100] * 12)  # type: ignore[arg-type]
 
 
@@ -67,13 +68,6 @@ def test_keep_global_batch_refuses_what_does_not_divide() -> None:
         _elastic_plan(cfg, SHARDS, 3, first_size=2)
 
 
-class _Queue(nn.Module):
-    def __init__(self, size: int, ptr: int) -> None:
-        super().__init__()
-        self.register_buffer("queue", torch.zeros(size, 4))
-        self.register_buffer("queue_ptr", torch.tensor(ptr))
-
-
 @pytest.mark.parametrize(("old", "new", "before", "after", "epoch"),
                          [(2, 3, 30, 20, 0), (3, 2, 21, 31, 0), (2, 1, 25, 50, 0),
                           (1, 4, 99, 24, 0), (2, 5, 59, 0, 1)])  # fmt: skip
@@ -98,7 +92,8 @@ def test_resize_rounds_the_position_down_to_whole_steps() -> None:
 def test_resize_aligns_the_moco_queue_pointer(ptr: int, new: int, moved: int) -> None:
     cfg = _cfg(data={"batch_size": 8}, method={"name": "moco_v2", "queue_size": 96})
     plan, micro = _elastic_plan(cfg, SHARDS, new, first_size=2)
-    method = _Queue(96, ptr)
+    method = build_method(cfg.method, TINY, in_chans=1, image_size=8)
+    method.queue_ptr.fill_(ptr)
     _resize(ckpt.TrainState(world_size=2), new, plan, micro, method, cfg, rank=1)
     assert int(method.queue_ptr) == moved
     assert moved % (8 * new) == 0
