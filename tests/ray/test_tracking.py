@@ -20,6 +20,10 @@ from tests.ray.test_fault_tolerance import _kill_a_worker_after_checkpoint
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
+# Long enough that the kill (2 s after a checkpoint at step >= 6 shows up) lands mid-run.
+LAST = 40
+
+
 def _runs(uri: str, cfg):
     c = tracking.client(uri)
     exp = c.get_experiment_by_name(cfg.tracking.experiment)
@@ -30,7 +34,7 @@ def _runs(uri: str, cfg):
 def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflow_server):
     uri = mlflow_server.uri
     common = ["tracking.enabled=true", f"tracking.uri={uri}", "tracking.alias=candidate",
-              "tracking.model_name=tiny-encoder", "run.name=tracked", "run.max_steps=12",
+              "tracking.model_name=tiny-encoder", "run.name=tracked", f"run.max_steps={LAST}",
               "run.epochs=5", "run.checkpoint_every=2", "run.max_failures=1"]  # fmt: skip
     # Segment 1: a time-boxed job stops at step 4 (checkpointed); nothing is registered yet.
     _, first = pretrain(tiny_cfg(*common, "run.stop_at_step=4"))
@@ -47,7 +51,7 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     watcher.join(timeout=5)
     assert killed, "the run finished before a worker could be killed"
     state = json.loads((Path(path) / STATE).read_text())
-    assert state["step"] == 12 and len(state["resumed_at"]) == 2, state
+    assert state["step"] == LAST and len(state["resumed_at"]) == 2, (state, killed)
     assert state["mlflow_run_id"] == run_id
 
     runs = _runs(uri, cfg)
@@ -58,22 +62,22 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     assert run.data.tags["ssl_dist.data_manifest_sha256"]
     assert run.data.tags["git.sha"] and run.data.tags["version.ray"]
     c = tracking.client(uri)
-    # A continuous step axis: every step 1..12 logged (steps redone after the kill, again).
+    # A continuous step axis: every step 1..LAST logged (steps redone after the kill, again).
     steps = {m.step for m in c.get_metric_history(run_id, "loss")}
-    assert steps == set(range(1, 13))
+    assert steps == set(range(1, LAST + 1))
     assert {m.step for m in c.get_metric_history(run_id, "lr")} == steps
     assert c.get_metric_history(run_id, "knn_top1"), "no kNN monitor value"
     assert c.get_metric_history(run_id, "system/rss_mb")
     ckpts = {a.path for a in c.list_artifacts(run_id, "checkpoints")}
-    assert {"checkpoints/step-00000004", "checkpoints/step-00000012"} <= ckpts
-    saved = c.download_artifacts(run_id, f"checkpoints/step-00000012/{ENCODER}")
+    assert {"checkpoints/step-00000004", f"checkpoints/step-{LAST:08d}"} <= ckpts
+    saved = c.download_artifacts(run_id, f"checkpoints/step-{LAST:08d}/{ENCODER}")
     final = load_encoder(Path(path) / ENCODER)
     assert load_encoder(Path(saved)).keys() == final.keys()
     figures = {a.path for a in c.list_artifacts(run_id, "figures")}
     assert figures == {"figures/loss_lr.png", "figures/embedding_pca.png"}
 
     version = c.get_model_version_by_alias("tiny-encoder", "candidate")
-    assert version.run_id == run_id and version.tags["ssl_dist.step"] == "12"
+    assert version.run_id == run_id and version.tags["ssl_dist.step"] == str(LAST)
     assert metrics["mlflow"]["registered"] == "models:/tiny-encoder@candidate"
 
     # The registered model serves features through MLflow's own loader (no pickle involved).
