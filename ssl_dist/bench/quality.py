@@ -328,6 +328,8 @@ class Pretrained:
     metrics: dict[str, Any] = field(default_factory=dict)
     max_steps: int = 0
     epochs: float = 0.0
+    stopped: str | None = None
+    """Why the run stopped before `max_steps` (its last checkpoint's ``stopped``)."""
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:
@@ -345,6 +347,7 @@ def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     """Pretrain `cfg` on Ray for about `budget_s` seconds (through ``ssl-dist pretrain``'s
     driver: MLflow run, checkpoint artifacts, registered encoder)."""
     from ssl_dist.data.stream import open_shards
+    from ssl_dist.train.checkpoint import TrainState
     from ssl_dist.train.driver import pretrain
     from ssl_dist.train.parts import plan_steps
 
@@ -369,8 +372,10 @@ def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     points = [Point(0, 0.0, None)]
     points += [Point(s, max(0.0, t - start_wall), d) for s, d, t in list_checkpoints(run_dir)]
     n_train = plan.steps_per_epoch * plan.global_batch
+    last = points[-1].path
     return Pretrained(c.method.name, c, points, wall, metrics, steps,
-                      steps * plan.global_batch / max(n_train, 1))  # fmt: skip
+                      steps * plan.global_batch / max(n_train, 1),
+                      TrainState.read(last).stopped if last else None)  # fmt: skip
 
 
 # ---------------------------------------------------------------- supervised reference
@@ -655,7 +660,7 @@ def run(
         "phases_s": phases, "supervised": sup_info, "plot": str(png), "tracking_uri": uri,
         "pretrain_runs": [{"method": p.method, "run": p.cfg.run.name, "max_steps": p.max_steps,
                            "last_step": p.points[-1].step, "wall_s": p.wall_s,
-                           "stopped_by_time_limit": p.points[-1].step < p.max_steps,
+                           "stopped_by_time_limit": p.stopped == "time_limit",
                            "epochs": p.epochs, "mlflow": p.metrics.get("mlflow")} for p in runs],
         "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
         "cpu_count": os.cpu_count(),

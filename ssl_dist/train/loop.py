@@ -122,7 +122,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     deadline = config.get("deadline")
     if deadline is not None:
         deadline = time.monotonic() + deadline - time.time()
-    state.stopped = None
     tracker.world_size(state.step, world_size, state.world_sizes)
 
     bar = _progress(plan.total_steps, state.step) if rank == 0 else None

@@ -32,7 +32,7 @@ def test_whole_bench_on_ray(tmp_path):
     run = saved["pretrain_runs"][0]
     # Random init, then the checkpoints of the time-boxed run up to its planned last step.
     assert steps[0] == 0 and steps == sorted(steps) and len(steps) >= 3
-    assert steps[-1] == run["max_steps"]
+    assert steps[-1] == run["max_steps"] and run["stopped_by_time_limit"] is False
     assert run["mlflow"]["run_id"] and "version" in run["mlflow"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert doc["mlflow_run_id"] and saved["mlflow_run_id"] == doc["mlflow_run_id"]

@@ -9,17 +9,17 @@ import warnings
 import pytest
 from torch import nn
 
-from ssl_dist.config import Config, ConfigError, ModelConfig
+from ssl_dist.config import Config, ConfigError
 from ssl_dist.data.stream import ShardSet
 from ssl_dist.methods import build_method
 from ssl_dist.train import checkpoint as ckpt
 from ssl_dist.train.driver import _scaling, check_elastic
 from ssl_dist.train.loop import _elastic_plan, _resize
 from ssl_dist.train.parts import plan_steps
+from tests.unit.test_methods import MODEL
 
 pytestmark = pytest.mark.unit
 
-TINY = ModelConfig(widths=(4, 8, 8, 8), proj_hidden=16, proj_dim=8, pred_hidden=16)
 SHARDS = ShardSet(manifest=None, urls=[], counts=[100] * 12)  # type: ignore[arg-type]
 
 
@@ -92,7 +92,7 @@ def test_resize_rounds_the_position_down_to_whole_steps() -> None:
 def test_resize_aligns_the_moco_queue_pointer(ptr: int, new: int, moved: int) -> None:
     cfg = _cfg(data={"batch_size": 8}, method={"name": "moco_v2", "queue_size": 96})
     plan, micro = _elastic_plan(cfg, SHARDS, new, first_size=2)
-    method = build_method(cfg.method, TINY, in_chans=1, image_size=8)
+    method = build_method(cfg.method, MODEL, in_chans=1, image_size=8)
     method.queue_ptr.fill_(ptr)
     _resize(ckpt.TrainState(world_size=2), new, plan, micro, method, cfg, rank=1)
     assert int(method.queue_ptr) == moved
