@@ -4,26 +4,41 @@ Nothing is pickled: MLflow stores this file, and the weights travel as the `enco
 (safetensors) beside the `config` artifact (the pretraining config, YAML). `predict` takes
 images as float32 ``[N, C, H, W]``, already resized and normalised like the evaluation view
 (`TwoViews.plain`), and returns the encoder's features ``[N, F]``.
+
+The model loads where ssl-dist is not installed (a downstream team's environment,
+``mlflow models serve``): this file imports nothing from ``ssl_dist``, and the architecture
+travels with the model as ``ssl_dist_encoders.py`` (a copy of ``ssl_dist/models/encoders.py``,
+which needs only torch and timm at run time) in the model's ``code/`` folder, which MLflow puts
+on ``sys.path`` before loading this file. The model's requirements list torch, timm,
+safetensors, numpy and pyyaml at the versions the run used (see
+``ssl_dist.tracking.model_requirements``).
 """
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
 from mlflow.pyfunc import PythonModel
 
+ARCH_MODULE = "ssl_dist_encoders"
+"""Module name under which the encoder architecture is shipped in the model's code folder."""
+
 
 class EncoderModel(PythonModel):
     def load_context(self, context) -> None:
+        import importlib
+
         import yaml
         from safetensors.torch import load_file
 
-        from ssl_dist.config import Config
-        from ssl_dist.models import build_encoder
-
         with open(context.artifacts["config"]) as f:
-            cfg = Config.model_validate(yaml.safe_load(f))
-        self.encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
+            cfg = yaml.safe_load(f)
+        arch = importlib.import_module(ARCH_MODULE)
+        model_cfg = SimpleNamespace(**cfg["model"])  # the fields build_encoder reads
+        data = cfg["data"]
+        self.encoder = arch.build_encoder(model_cfg, data["channels"], data["image_size"])
         self.encoder.load_state_dict(load_file(context.artifacts["encoder"]), strict=True)
         self.encoder.eval()
 

@@ -520,9 +520,8 @@ def finish_run(cfg, checkpoint_dir: Path, final_metrics: dict[str, float]) -> di
 
 def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
     import mlflow
-    from mlflow.models import infer_signature
 
-    from ssl_dist.train.checkpoint import ENCODER, TrainState
+    from ssl_dist.train.checkpoint import TrainState
 
     c = client(uri)
     state = TrainState.read(ckpt)
@@ -552,17 +551,9 @@ def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
     feats, labels, classes, example, out = _encoder_and_example(cfg, ckpt)
     c.log_figure(run_id, embedding_figure(feats, labels, classes), "figures/embedding_pca.png")
 
-    code = Path(__file__).with_name("mlflow_model.py")
     with mlflow_uris(uri):  # log_model and register_model read the process-wide URIs
-        with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
-            info = mlflow.pyfunc.log_model(
-                name=MODEL_NAME_IN_RUN,
-                python_model=str(code),
-                artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
-                signature=infer_signature(example, out),
-                input_example=example,
-            )
+        with mlflow.start_run(run_id=run_id):
+            info = log_encoder_model(ckpt, example, out)
         version = mlflow.register_model(info.model_uri, cfg.tracking.model_name)
     tags = {"ssl_dist.run_key": run_key(cfg.run.storage_path, cfg.run.name),
             "ssl_dist.step": str(step), "ssl_dist.method": cfg.method.name,
@@ -578,6 +569,51 @@ def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
     c.set_terminated(run_id, "FINISHED")
     return {"run_id": run_id, "model_uri": info.model_uri, "version": version.version,
             "registered": f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"}  # fmt: skip
+
+
+MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pyyaml")
+"""What the registered model imports (besides mlflow, which MLflow adds itself)."""
+
+
+def model_requirements() -> list[str]:
+    """Pins for the registered model's environment: each of `MODEL_REQUIREMENTS` at the version
+    installed here, without a local build label (``2.14.1+cu130`` -> ``2.14.1``, which package
+    indexes serve). ssl-dist itself is not among them: the model ships the code it needs."""
+    from importlib import metadata
+
+    return [f"{pkg}=={metadata.version(pkg).split('+')[0]}" for pkg in MODEL_REQUIREMENTS]
+
+
+def log_encoder_model(checkpoint_dir: Path, example, features):
+    """Log the encoder in `checkpoint_dir` as a pyfunc model of the active MLflow run: the
+    code file `ssl_dist/mlflow_model.py`, the architecture as ``code/ssl_dist_encoders.py``,
+    the weights (safetensors) and config as artifacts, pinned requirements, and a signature
+    from `example` -> `features`. Returns MLflow's ``ModelInfo``."""
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.models import infer_signature
+
+    from ssl_dist.mlflow_model import ARCH_MODULE
+    from ssl_dist.models import encoders
+    from ssl_dist.train.checkpoint import ENCODER
+
+    ckpt = Path(checkpoint_dir)
+    with tempfile.TemporaryDirectory(prefix="ssl-dist-model-code-") as tmp:
+        arch = Path(tmp) / f"{ARCH_MODULE}.py"
+        shutil.copyfile(encoders.__file__, arch)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hints to the `predict` method")
+            return mlflow.pyfunc.log_model(
+                name=MODEL_NAME_IN_RUN,
+                python_model=str(Path(__file__).with_name("mlflow_model.py")),
+                code_paths=[str(arch)],
+                artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
+                pip_requirements=model_requirements(),
+                signature=infer_signature(example, features),
+                input_example=example,
+            )
 
 
 def ui_command(uri: str, run_id: str | None = None) -> str:

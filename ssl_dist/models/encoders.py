@@ -18,13 +18,16 @@ Initialisation (documented because SSL results depend on it):
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import timm
 import torch
 from timm.models.resnet import BasicBlock
 from torch import nn
 
-from ssl_dist.config import ModelConfig
+if TYPE_CHECKING:  # at run time this module needs torch and timm only: the registered model
+    # ships it as its architecture code (see ssl_dist.mlflow_model)
+    from ssl_dist.config import ModelConfig
 
 THIN_LAYERS: tuple[int, int, int, int] = (2, 2, 2, 2)
 """Blocks per stage of ``thin_resnet``: ResNet-18's topology (BasicBlock x [2, 2, 2, 2]) at the
