@@ -10,9 +10,20 @@ console script on the cluster. The runtime_env ships this project:
 - ``py_modules``: the local `ssl_dist` package as well, when it does not lie inside that folder;
 - ``pip`` (``--pip``): the project's dependencies except Ray; off by default, the cluster image
   is expected to have them;
-- ``env_vars``: every ``MLFLOW_*`` variable set locally (tracking URI and credentials), every
-  ``SSL_DIST_*`` (log level, progress bars), and each ``--env KEY=VALUE``. They are stored with
-  the job, where anyone who can read the cluster's job API can read them.
+- ``env_vars``: the local non-secret MLflow settings in `FORWARDED_ENV` (tracking and registry
+  URI, experiment, HTTP retries), every ``SSL_DIST_*`` knob (log level, progress bars), and each
+  ``--env KEY=VALUE``.
+
+Secrets never travel with the job. The runtime_env, entrypoint and metadata are stored with the
+job, where anyone who can list jobs on the dashboard can read them. So a variable whose name
+looks like a credential (`looks_secret`: TOKEN, PASSWORD, SECRET, KEY, CREDENTIAL, AUTH, ...,
+or a cloud prefix such as ``AWS_``) is not forwarded (``MLFLOW_TRACKING_TOKEN`` and
+``MLFLOW_TRACKING_PASSWORD`` stay local, named in one note on stderr), and is refused with
+``--env``; so is a URL with a password in it (``https://user:pw@host``), in a variable or an
+argument. Workers get credentials from the cluster's own environment instead: variables set
+before ``ray start`` on every node (cluster launcher), a Kubernetes Secret in the pods' env (the
+manifests in ``cluster/k8s``), the nodes' cloud identity, or a file on the nodes that the job
+reads (e.g. ``~/.mlflow/credentials``).
 
 Token authentication (Ray 2.60: ``RAY_AUTH_MODE=token`` on the cluster): set
 ``RAY_AUTH_MODE=token`` locally and the token as ``RAY_AUTH_TOKEN``, in the file named by
@@ -31,7 +42,7 @@ import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -53,8 +64,30 @@ EXCLUDES = [
 ]  # fmt: skip
 """runtime_env excludes (gitignore syntax; a leading / anchors at the working_dir)."""
 
-PASSED_ENV_PREFIXES = ("MLFLOW_", "SSL_DIST_")
-"""Local variables passed to the job: MLflow's tracking URI and credentials, our own knobs."""
+FORWARDED_ENV = (
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "MLFLOW_EXPERIMENT_NAME",
+    "MLFLOW_EXPERIMENT_ID",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+)
+"""Local MLflow variables passed to the job: where to log, never how to log in."""
+
+FORWARDED_PREFIXES = ("SSL_DIST_",)
+"""Our own knobs, passed to the job unless `looks_secret`."""
+
+WITHHELD_PREFIXES = ("MLFLOW_", "SSL_DIST_")
+"""Local variables the job does not get are named in a note when they have these prefixes."""
+
+SECRET_MARKERS = ("TOKEN", "PASS", "SECRET", "KEY", "CREDENTIAL", "AUTH", "PRIVATE", "COOKIE")
+"""A variable whose name contains one of these (any case) may hold a credential (PASS: also
+PASSWORD, PASSWD, PASSPHRASE)."""
+
+SECRET_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCP_", "GCLOUD_", "DATABRICKS_", "HF_", "GH_")
+"""Cloud and service SDK variables: identities, keys and tokens; none is forwarded."""
 
 CONNECT_TIMEOUT_S = 10.0
 """Default bound on the first request to the dashboard."""
@@ -66,6 +99,7 @@ CONTEXT_SETTINGS: dict[str, Any] = {
 """Everything from the subcommand on is the job's, with or without ``--``."""
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:[^/?#@\s]*@")
 
 _QUIET = {
     # "Uploading package ...", "Ignoring upload to cluster for these files: [.gitignore]"
@@ -103,11 +137,63 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
     return env
 
 
-def job_env(extra: dict[str, str]) -> dict[str, str]:
-    """Variables for the job: local ``MLFLOW_*`` and ``SSL_DIST_*``, then ``--env``."""
-    env = {k: v for k, v in os.environ.items() if k.startswith(PASSED_ENV_PREFIXES)}
+def looks_secret(name: str) -> bool:
+    """Whether the variable `name` may hold a credential, judged by its name alone: values
+    stored with a job are readable by everyone who can list jobs, so in doubt it stays out."""
+    upper = name.upper()
+    return upper.startswith(SECRET_PREFIXES) or any(m in upper for m in SECRET_MARKERS)
+
+
+def has_url_password(text: str) -> bool:
+    """Whether `text` holds a URL with a password in it (``scheme://user:password@host``),
+    anywhere (``tracking.uri=https://...`` too)."""
+    return _URL_PASSWORD.search(text) is not None
+
+
+def forwarded(name: str) -> bool:
+    """Whether the local variable `name` is passed to the job by default."""
+    allowed = name in FORWARDED_ENV or name.startswith(FORWARDED_PREFIXES)
+    return allowed and not looks_secret(name)
+
+
+def job_env(extra: dict[str, str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Variables for the job: the `forwarded` local ones, then ``--env``. ConfigError for a
+    credential: an ``--env`` name that `looks_secret`, or a URL with a password in any value."""
+    local = os.environ if environ is None else environ
+    for key in extra:
+        if looks_secret(key):
+            raise ConfigError(
+                f"--env {key}: looks like a credential, and a job's environment is readable by "
+                f"anyone who can list jobs; give it to the workers through the cluster's own "
+                f"environment (see `ssl-dist submit` in the README)"
+            )
+    env = {k: v for k, v in local.items() if forwarded(k)}
     env.update(extra)
+    for key, value in env.items():
+        if has_url_password(value):
+            raise ConfigError(
+                f"{key} holds a URL with a password, which would be readable with the job: "
+                f"drop the password from it and give it to the workers through the cluster's "
+                f"own environment (e.g. MLFLOW_TRACKING_PASSWORD there)"
+            )
     return env
+
+
+def withheld_env(environ: Mapping[str, str] | None = None) -> list[str]:
+    """Local ``MLFLOW_*`` / ``SSL_DIST_*`` variables the job does not get (for a note)."""
+    local = os.environ if environ is None else environ
+    return sorted(k for k in local if k.startswith(WITHHELD_PREFIXES) and not forwarded(k))
+
+
+def check_arguments(command: list[str]) -> None:
+    """ConfigError for an argument holding a URL with a password (the entrypoint is stored
+    with the job too)."""
+    for arg in command:
+        if has_url_password(arg):
+            raise ConfigError(
+                "an argument holds a URL with a password, which would be readable with the job: "
+                "give the credentials to the workers through the cluster's own environment"
+            )
 
 
 def project_requirements() -> list[str]:
@@ -285,8 +371,14 @@ def submit(
     or SUCCEEDED, 1 FAILED or STOPPED, 130 interrupted while following. Bad input, an
     unreachable or refusing cluster raise ConfigError before anything is submitted."""
     entrypoint = build_entrypoint(command)
+    check_arguments(command)
     address = normalize_address(address)
     renv = build_runtime_env(working_dir, pip, job_env(parse_env(env)))
+    if withheld := withheld_env():
+        names = ", ".join(withheld)
+        typer.echo(
+            f"kept local (the cluster's environment provides credentials): {names}", err=True
+        )
     client = connect(address, connect_timeout_s)
     try:
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=renv, submission_id=job_id)
@@ -356,7 +448,9 @@ def submit_command(
 
     Runs `python -m ssl_dist.cli ...` in a copy of --working-dir (no .venv, work/, .git, caches).
 
-    Local MLFLOW_* and SSL_DIST_* variables, and each --env, are set for the job.
+    The job gets the local MLflow URIs and experiment, SSL_DIST_* variables, and each --env;
+    never credentials (names with TOKEN, PASSWORD, SECRET, KEY, AUTH, ...: exit 2 with --env).
+    Workers take those from the cluster's environment.
 
     --wait (default): stream the logs; exit 0 if the job SUCCEEDED, 1 if FAILED or STOPPED.
 

@@ -8,6 +8,7 @@ on the machine.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -31,13 +32,16 @@ from ssl_dist.submit import (
     EXCLUDES,
     build_entrypoint,
     build_runtime_env,
+    check_arguments,
+    forwarded,
+    job_env,
+    looks_secret,
     parse_env,
     project_requirements,
     register,
     submit,
+    withheld_env,
 )
-
-pytestmark = pytest.mark.ray
 
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -152,6 +156,7 @@ def authed(head, monkeypatch):
 # --- no cluster ---------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_entrypoint_and_env_parsing():
     assert build_entrypoint(["pretrain", "-c", "a b.yaml", "-o", "optim.lr=0.3"]) == (
         "python -m ssl_dist.cli pretrain -c 'a b.yaml' -o optim.lr=0.3"
@@ -165,6 +170,7 @@ def test_entrypoint_and_env_parsing():
             parse_env([pair])
 
 
+@pytest.mark.ray
 def test_runtime_env(tmp_path):
     renv = build_runtime_env(ROOT, env={"K": "v"})
     assert renv["working_dir"] == str(ROOT) and "py_modules" not in renv
@@ -181,6 +187,7 @@ def test_runtime_env(tmp_path):
         build_runtime_env(tmp_path / "missing")
 
 
+@pytest.mark.ray
 @pytest.mark.parametrize("command", [["knn", "ckpt"], ["data", "prepare"], []])
 def test_disallowed_subcommand_exits_2_without_contacting_the_cluster(command):
     with socket.socket() as listener:  # would see any connection attempt
@@ -196,6 +203,79 @@ def test_disallowed_subcommand_exits_2_without_contacting_the_cluster(command):
     assert "pretrain, finetune, retrain" in r.stderr or "command to run" in r.stderr
 
 
+@pytest.mark.unit
+def test_only_non_secret_variables_are_forwarded():
+    for name in (
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_PASSWORD",
+        "AWS_ACCESS_KEY_ID",
+        "AWS_REGION",
+        "HF_TOKEN",
+        "SSL_DIST_API_KEY",
+        "MY_SECRET",
+        "db_passwd",
+        "GOOGLE_APPLICATION_CREDENTIALS",
+        "RAY_AUTH_TOKEN",
+        "SESSION_COOKIE",
+    ):
+        assert looks_secret(name), name
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "SSL_DIST_LOG", "SUBMIT_TEST"):
+        assert not looks_secret(name), name
+    assert forwarded("MLFLOW_REGISTRY_URI") and forwarded("SSL_DIST_NO_PROGRESS")
+    assert not forwarded("MLFLOW_TRACKING_USERNAME")  # not on the allow-list
+    assert not forwarded("SSL_DIST_TOKEN") and not forwarded("HOME")
+    local = {
+        "MLFLOW_TRACKING_URI": "https://mlflow.example:5000",
+        "MLFLOW_TRACKING_TOKEN": "t0ken",
+        "MLFLOW_TRACKING_PASSWORD": "pw",
+        "MLFLOW_TRACKING_USERNAME": "me",
+        "SSL_DIST_LOG": "DEBUG",
+        "AWS_SECRET_ACCESS_KEY": "k",
+        "PATH": "/bin",
+    }
+    assert job_env({"X": "1"}, local) == {
+        "MLFLOW_TRACKING_URI": "https://mlflow.example:5000",
+        "SSL_DIST_LOG": "DEBUG",
+        "X": "1",
+    }
+    assert withheld_env(local) == [
+        "MLFLOW_TRACKING_PASSWORD",
+        "MLFLOW_TRACKING_TOKEN",
+        "MLFLOW_TRACKING_USERNAME",
+    ]
+    with pytest.raises(ConfigError, match="--env MLFLOW_TRACKING_TOKEN: looks like a credential"):
+        job_env({"MLFLOW_TRACKING_TOKEN": "t0ken"}, {})
+    with pytest.raises(ConfigError, match="MLFLOW_TRACKING_URI holds a URL with a password"):
+        job_env({}, {"MLFLOW_TRACKING_URI": "https://me:pw@mlflow.example"})
+    with pytest.raises(ConfigError, match="URL with a password"):
+        check_arguments(["pretrain", "-o", "tracking.uri=http://me:pw@host:5000/x"])
+    check_arguments(["pretrain", "-o", "tracking.uri=http://me@host:5000", "-c", "a:b@c.yaml"])
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--env", "MLFLOW_TRACKING_TOKEN=s3cr3t-value", "--", "pretrain"],
+        ["-e", "AWS_SECRET_ACCESS_KEY=s3cr3t-value", "pretrain"],
+        ["--", "pretrain", "-o", "tracking.uri=https://me:s3cr3t-value@mlflow.example"],
+    ],
+)
+def test_credentials_on_the_command_line_exit_2_without_contacting_the_cluster(args):
+    with socket.socket() as listener:  # would see any connection attempt
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.setblocking(False)
+        r = _run_cli("--address", f"http://127.0.0.1:{listener.getsockname()[1]}", *args)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "credential" in r.stderr or "password" in r.stderr
+    assert "s3cr3t-value" not in r.stderr + r.stdout
+
+
+@pytest.mark.ray
 def test_unreachable_address_exits_2_quickly():
     port = _free_port()  # nothing listens there
     start = time.monotonic()
@@ -218,6 +298,7 @@ def test_unreachable_address_exits_2_quickly():
 # --- on the head ----------------------------------------------------------------------------
 
 
+@pytest.mark.ray
 def test_token_auth_required(head, monkeypatch):
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     with pytest.raises(ConfigError, match="needs token authentication: set RAY_AUTH_MODE=token"):
@@ -228,6 +309,7 @@ def test_token_auth_required(head, monkeypatch):
         submit(head.address, ["pretrain", "--print-config"])
 
 
+@pytest.mark.ray
 def test_job_streams_logs_and_succeeds(authed, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
     # The job prints its config and the environment it got.
@@ -251,6 +333,35 @@ def test_job_streams_logs_and_succeeds(authed, capsys, monkeypatch):
     assert not any(k.startswith("RAY_AUTH") for k in env_vars)
 
 
+@pytest.mark.ray
+def test_credentials_stay_out_of_the_job(authed, capsys, monkeypatch):
+    """Nothing the job API returns about the job holds a local credential."""
+    token, password = secrets.token_hex(16), secrets.token_hex(16)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", token)
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", "someone")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", password)
+    job_id = f"ssl-dist-test-{secrets.token_hex(4)}"
+    assert submit(authed.address, ["pretrain", "--print-config"], job_id=job_id) == 0
+    err = capsys.readouterr().err
+    assert "kept local" in err and "MLFLOW_TRACKING_TOKEN" in err and token not in err
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {authed.token}"}
+    info = JobSubmissionClient(authed.address, headers=headers).get_job_info(job_id)
+    assert info.runtime_env["env_vars"]["MLFLOW_TRACKING_URI"] == "http://tracking.invalid:5000"
+    assert "MLFLOW_TRACKING_TOKEN" not in info.runtime_env["env_vars"]
+    raw = requests.get(f"{authed.address}/api/jobs/{job_id}", headers=headers, timeout=10).text
+    listed = requests.get(f"{authed.address}/api/jobs/", headers=headers, timeout=10).text
+    metadata = json.dumps(info.metadata)
+    assert token not in metadata and password not in metadata
+    for whole in (info.model_dump_json(), raw, listed):  # the job as the job API shows it
+        assert "http://tracking.invalid:5000" in whole
+        assert token not in whole and password not in whole
+
+
+@pytest.mark.ray
 def test_failing_job_exits_1_through_the_cli(authed):
     app = typer.Typer()
     app.callback()(lambda: None)  # a group, so that `submit` is a subcommand
@@ -263,6 +374,7 @@ def test_failing_job_exits_1_through_the_cli(authed):
     assert "FAILED" in r.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.ray
 def test_no_wait_prints_the_id_and_how_to_follow(authed, capsys):
     job_id = f"ssl-dist-test-{secrets.token_hex(4)}"
     args = ["pretrain", "--print-config"]
@@ -275,6 +387,7 @@ def test_no_wait_prints_the_id_and_how_to_follow(authed, capsys):
         submit(authed.address, args, wait=False, job_id=job_id)
 
 
+@pytest.mark.ray
 def test_ctrl_c_stops_following_not_the_job(authed, capsys, monkeypatch):
     import ssl_dist.submit as sub
 
