@@ -58,10 +58,23 @@ ALLOWED = ("pretrain", "finetune", "retrain")
 """Subcommands that may run as a job (the others are local tools)."""
 
 EXCLUDES = [
-    "/.venv", "/venv", "/work", "/bench-results", "/runs", "/.demo", "/mlruns", "/mlartifacts",
-    ".git", "__pycache__", "*.pyc", ".mypy_cache", ".ruff_cache", ".pytest_cache", "*.egg-info",
+    "/.venv",
+    "/venv",
+    "/work",
+    "/bench-results",
+    "/runs",
+    "/.demo",
+    "/mlruns",
+    "/mlartifacts",
+    ".git",
+    "__pycache__",
+    "*.pyc",
+    ".mypy_cache",
+    ".ruff_cache",
+    ".pytest_cache",
+    "*.egg-info",
     ".ipynb_checkpoints",
-]  # fmt: skip
+]
 """runtime_env excludes (gitignore syntax; a leading / anchors at the working_dir)."""
 
 FORWARDED_ENV = (

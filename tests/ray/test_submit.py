@@ -46,9 +46,11 @@ from ssl_dist.submit import (
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 # The real `ssl-dist` main (exit codes, one-line errors) with `submit` added, until cli.py has it.
-CLI = [sys.executable, "-c",
-       "from ssl_dist import cli; from ssl_dist.submit import register; "
-       "register(cli.app); cli.main()"]  # fmt: skip
+CLI = [
+    sys.executable,
+    "-c",
+    "from ssl_dist import cli; from ssl_dist.submit import register; register(cli.app); cli.main()",
+]
 
 
 def _free_port() -> int:
@@ -58,8 +60,9 @@ def _free_port() -> int:
 
 
 def _run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
-    return subprocess.run([*CLI, "submit", *args], capture_output=True, text=True, cwd=ROOT,
-                          env=env, timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [*CLI, "submit", *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=timeout
+    )
 
 
 def _stop_head(proc: subprocess.Popen, temp_dir: str) -> None:
@@ -106,8 +109,11 @@ def head():
         pytest.fail(f"the Job API needs the dashboard, i.e. ray[default]: {missing}")
     temp_dir = tempfile.mkdtemp(prefix="rsub-", dir="/tmp")  # short: unix socket paths
     token = secrets.token_hex(16)
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "RAY_API_SERVER"))}  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("RAY_ADDRESS", "RAY_AUTH_", "RAY_API_SERVER"))
+    }
     env.update(
         RAY_AUTH_MODE="token",
         RAY_AUTH_TOKEN=token,
@@ -115,14 +121,26 @@ def head():
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     )  # `python` of the job
     dash = _free_port()
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--temp-dir={temp_dir}",
-           "--node-ip-address=127.0.0.1", f"--port={_free_port()}", "--num-cpus=2",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-           f"--dashboard-agent-listen-port={_free_port()}",
-           f"--ray-client-server-port={_free_port()}", "--disable-usage-stats"]  # fmt: skip
+    cmd = [
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--temp-dir={temp_dir}",
+        "--node-ip-address=127.0.0.1",
+        f"--port={_free_port()}",
+        "--num-cpus=2",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--dashboard-agent-listen-port={_free_port()}",
+        f"--ray-client-server-port={_free_port()}",
+        "--disable-usage-stats",
+    ]
     log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + 90
@@ -130,8 +148,9 @@ def head():
             if proc.poll() is not None:
                 pytest.fail(f"ray start exited: {(Path(temp_dir) / 'ray-start.log').read_text()}")
             with contextlib.suppress(requests.RequestException):
-                r = requests.get(f"{address}/api/jobs/", timeout=2,
-                                 headers={"Authorization": f"Bearer {token}"})  # fmt: skip
+                r = requests.get(
+                    f"{address}/api/jobs/", timeout=2, headers={"Authorization": f"Bearer {token}"}
+                )
                 if r.status_code == 200:
                     break
             if time.monotonic() > deadline:
@@ -313,9 +332,11 @@ def test_token_auth_required(head, monkeypatch):
 def test_job_streams_logs_and_succeeds(authed, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://tracking.invalid:5000")
     # The job prints its config and the environment it got.
-    rc = submit(authed.address, ["pretrain", "--print-config", "-c", "launch/recipes/tiny.yaml",
-                                 "-o", "run.max_steps=7"],
-                env=["SUBMIT_TEST=hello"])  # fmt: skip
+    rc = submit(
+        authed.address,
+        ["pretrain", "--print-config", "-c", "launch/recipes/tiny.yaml", "-o", "run.max_steps=7"],
+        env=["SUBMIT_TEST=hello"],
+    )
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "max_steps: 7" in out and "name: tiny" in out  # streamed from the job
