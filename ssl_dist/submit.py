@@ -50,6 +50,7 @@ from urllib.parse import urlsplit
 import typer
 
 from ssl_dist.config import ConfigError
+from ssl_dist.credentials import has_url_password, looks_secret
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -95,13 +96,6 @@ FORWARDED_PREFIXES = ("SSL_DIST_",)
 WITHHELD_PREFIXES = ("MLFLOW_", "SSL_DIST_")
 """Local variables the job does not get are named in a note when they have these prefixes."""
 
-SECRET_MARKERS = ("TOKEN", "PASS", "SECRET", "KEY", "CREDENTIAL", "AUTH", "PRIVATE", "COOKIE")
-"""A variable whose name contains one of these (any case) may hold a credential (PASS: also
-PASSWORD, PASSWD, PASSPHRASE)."""
-
-SECRET_PREFIXES = ("AWS_", "AZURE_", "GOOGLE_", "GCP_", "GCLOUD_", "DATABRICKS_", "HF_", "GH_")
-"""Cloud and service SDK variables: identities, keys and tokens; none is forwarded."""
-
 CONNECT_TIMEOUT_S = 10.0
 """Default bound on the first request to the dashboard."""
 
@@ -112,7 +106,6 @@ CONTEXT_SETTINGS: dict[str, Any] = {
 """Everything from the subcommand on is the job's, with or without ``--``."""
 
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_URL_PASSWORD = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^/?#@\s:]*:[^/?#@\s]*@")
 
 _QUIET = {
     # "Uploading package ...", "Ignoring upload to cluster for these files: [.gitignore]"
@@ -148,19 +141,6 @@ def parse_env(pairs: list[str] | None) -> dict[str, str]:
             raise ConfigError(f"--env {pair!r}: expected KEY=VALUE with KEY a variable name")
         env[key] = value
     return env
-
-
-def looks_secret(name: str) -> bool:
-    """Whether the variable `name` may hold a credential, judged by its name alone: values
-    stored with a job are readable by everyone who can list jobs, so in doubt it stays out."""
-    upper = name.upper()
-    return upper.startswith(SECRET_PREFIXES) or any(m in upper for m in SECRET_MARKERS)
-
-
-def has_url_password(text: str) -> bool:
-    """Whether `text` holds a URL with a password in it (``scheme://user:password@host``),
-    anywhere (``tracking.uri=https://...`` too)."""
-    return _URL_PASSWORD.search(text) is not None
 
 
 def forwarded(name: str) -> bool:

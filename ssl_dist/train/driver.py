@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ssl_dist.config import Config, ConfigError
+from ssl_dist.credentials import looks_secret
 from ssl_dist.data.stream import open_shards
 
 
@@ -149,8 +150,15 @@ def make_trainer(cfg: Config, loop: Callable[[dict], None], extra: dict[str, Any
 
 
 def _worker_env(use_gpu: bool) -> dict[str, str]:
+    """Variables set for every worker. Ray shows a worker group's runtime_env on the dashboard,
+    so MLflow credentials are left out (`looks_secret`): workers on a local instance inherit
+    them from this process anyway; on a cluster they come from the nodes' environment."""
     keep = ("SSL_DIST_LOG", "SSL_DIST_NO_PROGRESS", "GLOO_SOCKET_IFNAME", "DS_ACCELERATOR")
-    env = {k: v for k, v in os.environ.items() if k in keep or k.startswith("MLFLOW_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k in keep or (k.startswith("MLFLOW_") and not looks_secret(k))
+    }
     if not use_gpu:
         # DeepSpeed probes for an accelerator at import; pin its CPU one when no GPU is used.
         env.setdefault("DS_ACCELERATOR", "cpu")

@@ -28,6 +28,7 @@ import typer
 from typer.testing import CliRunner
 
 from ssl_dist.config import ConfigError
+from ssl_dist.credentials import looks_secret
 from ssl_dist.submit import (
     EXCLUDES,
     build_entrypoint,
@@ -35,7 +36,6 @@ from ssl_dist.submit import (
     check_arguments,
     forwarded,
     job_env,
-    looks_secret,
     parse_env,
     project_requirements,
     register,
@@ -429,3 +429,18 @@ def test_ctrl_c_stops_following_not_the_job(authed, capsys, monkeypatch):
     while not client.get_job_status(job_id).is_terminal() and time.monotonic() < deadline:
         time.sleep(0.5)
     assert client.get_job_status(job_id).value == "SUCCEEDED"
+
+
+@pytest.mark.unit
+def test_worker_env_keeps_credentials_out(monkeypatch):
+    """Train's worker_runtime_env is shown on the dashboard too: no MLflow credential in it."""
+    from ssl_dist.train.driver import _worker_env
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://mlflow.example:5000")
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", "t0ken")
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "pw")
+    monkeypatch.setenv("SSL_DIST_NO_PROGRESS", "1")
+    env = _worker_env(use_gpu=False)
+    assert env["MLFLOW_TRACKING_URI"] == "https://mlflow.example:5000"
+    assert env["SSL_DIST_NO_PROGRESS"] == "1" and env["DS_ACCELERATOR"] == "cpu"
+    assert "t0ken" not in env.values() and "pw" not in env.values()
