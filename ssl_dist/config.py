@@ -25,6 +25,19 @@ class _Strict(BaseModel):
     )
 
 
+class DamagePolicy(_Strict):
+    """What the stream does with damaged data (``data.on_damage``)."""
+
+    shard: Literal["fail", "skip"] = "fail"
+    """A shard that is missing, whose size (or sha256, with `data.verify_checksums`) differs from
+    the manifest, or that cannot be read to its end. `fail`: stop with an error naming the shard
+    (before the epoch's first step when the check before the epoch finds it); `skip`: read what
+    can be read, count the samples lost (manifest count minus samples read) and go on."""
+    sample: Literal["fail", "skip"] = "skip"
+    """A single sample that does not decode (no image or class, a corrupt image). `skip`: drop
+    and count it; `fail`: stop with an error naming the sample and its shard."""
+
+
 class DataConfig(_Strict):
     manifest: str = "work/data/digits/manifest.json"
     """Path or URL (file://, http(s)://, s3://) of the manifest.json written by `data prepare`."""
@@ -56,6 +69,23 @@ class DataConfig(_Strict):
     """Samples held for in-shard shuffling (0 keeps shard order)."""
     allow_unsafe: bool = False
     """Allow `pipe:` shard URLs and pickle decoders. Only for shards you wrote yourself."""
+    verify_checksums: bool = False
+    """Before an epoch each rank compares its shards' sizes with the manifest (a stat or a HEAD
+    request); with this on it also compares their sha256, reading each shard once more (once
+    per worker process: a shard whose checksum matched is not hashed again)."""
+    on_damage: DamagePolicy = DamagePolicy()
+    """Policy for damaged data, `{shard: fail|skip, sample: fail|skip}` (default: fail on a
+    missing, truncated or mismatching shard, skip single undecodable samples)."""
+
+    @field_validator("on_damage", mode="before")
+    @classmethod
+    def _damage_policy(cls, v: Any) -> Any:
+        if not isinstance(v, dict | DamagePolicy):
+            raise ValueError(
+                "must be a mapping {shard: fail|skip, sample: fail|skip}; set one part, "
+                "e.g. data.on_damage.shard=skip"
+            )
+        return v
 
 
 class ViewsConfig(_Strict):
