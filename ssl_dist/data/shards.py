@@ -17,15 +17,34 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+import fsspec
 import numpy as np
 import webdataset as wds
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from webdataset.tariterators import base_plus_ext
 
 from ssl_dist.config import ConfigError
 from ssl_dist.data.sources import Source
 
 MANIFEST = "manifest.json"
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
+"""Member extensions the stream decodes as a sample's image (the first one present)."""
+UNSAFE_EXTS = frozenset({"pyd", "pickle", "pkl", "pth", "pt"})
+"""Extensions whose decoders unpickle the payload: webdataset's `pyd`, `pickle`, `pkl`
+(pickle.loads) and `pth` (torch.load), and `pt`, torch.load's other usual extension. A `.gz`
+after one of them is decompressed by webdataset first and then decoded the same way."""
+
+
+def is_unsafe(suffix: str) -> bool:
+    """Whether a member with this suffix (what follows the sample key, e.g. ``seg.pyd.gz``)
+    would be unpickled by its decoder: the stream refuses such samples, `data verify` flags
+    them."""
+    parts = suffix.lower().split(".")
+    while len(parts) > 1 and parts[-1] == "gz":
+        parts.pop()
+    return parts[-1] in UNSAFE_EXTS
 
 
 class ShardInfo(BaseModel):
@@ -226,43 +245,127 @@ def read_manifest(out: Path) -> Manifest:
     return parse_manifest(path.read_text(), str(path))
 
 
-def _check_shard(path: Path, info: ShardInfo) -> str | None:
-    if not path.is_file():
-        return "missing"
-    if path.stat().st_size != info.bytes:
-        return f"size {path.stat().st_size} bytes, manifest says {info.bytes}"
-    if _sha256(path) != info.sha256:
-        return "sha256 does not match the manifest"
-    keys: set[str] = set()
+def check_file(url: str, info: ShardInfo, checksum: bool = True) -> str | None:
+    """Compare one shard file (a path or URL) with its manifest entry: its size (a stat, or a
+    HEAD request; not checked where the server does not tell) and, with `checksum`, its sha256
+    (reads the whole file). Returns what is wrong, or None."""
     try:
-        with tarfile.open(path) as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                data = tar.extractfile(member)
-                payload = data.read() if data else b""
-                if ext == "png":
-                    with Image.open(io.BytesIO(payload)) as im:
-                        im.load()
-                    keys.add(key)
-                elif ext == "cls":
-                    int(payload)
-    except (tarfile.TarError, OSError, ValueError) as e:
-        return f"cannot decode: {e}"
-    if len(keys) != info.samples:
-        return f"{len(keys)} images, manifest says {info.samples}"
+        fs, path = fsspec.core.url_to_fs(url)
+        size = fs.size(path)
+    except FileNotFoundError:
+        return "missing"
+    except Exception as e:  # a server or filesystem error: the shard cannot be used either
+        return f"cannot be read: {type(e).__name__}: {e}"
+    if size is not None and size != info.bytes:
+        return f"size {size} bytes, manifest says {info.bytes}"
+    if checksum:
+        h = hashlib.sha256()
+        try:
+            with fs.open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    h.update(chunk)
+        except Exception as e:
+            return f"cannot be read: {type(e).__name__}: {e}"
+        if h.hexdigest() != info.sha256:
+            return "sha256 does not match the manifest"
     return None
 
 
+MAX_SAMPLE_LINES = 10
+"""`verify` names at most this many undecodable samples per shard, then counts the rest."""
+
+
+def sample_problem(parts: dict[str, bytes]) -> str | None:
+    """Why the stream would skip a sample (its members by suffix, unsafe ones left out)."""
+    ext = next((e for e in IMAGE_EXTS if e in parts), None)
+    if ext is None:
+        return f"no image ({', '.join(IMAGE_EXTS)})"
+    if "cls" not in parts:
+        return "no class (.cls)"
+    try:
+        with Image.open(io.BytesIO(parts[ext])) as im:
+            im.load()
+    except Exception as e:
+        return f"image .{ext} does not decode: {e}"
+    try:
+        int(parts["cls"])
+    except ValueError:
+        return f"class {parts['cls'][:20]!r} is not an integer"
+    return None
+
+
+def _scan_members(path: Path, info: ShardInfo) -> list[str]:
+    """Read a local shard as the stream groups it (consecutive members of one key form a
+    sample) and list what the stream would refuse, skip or miss."""
+    problems: list[str] = []
+    bad: list[str] = []
+    found = 0
+    key: str | None = None
+    parts: dict[str, bytes] = {}
+
+    def close_sample() -> None:
+        nonlocal found
+        if key is None:
+            return
+        found += 1
+        why = sample_problem(parts)
+        if why:
+            bad.append(f"sample {key}: {why}; the stream skips it")
+
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isreg():
+                    continue
+                prefix, suffix = base_plus_ext(member.name)
+                if prefix is None:
+                    continue  # no extension: the stream ignores the member
+                if prefix != key:
+                    close_sample()
+                    key, parts = prefix, {}
+                if is_unsafe(suffix):
+                    # Never read, let alone decoded.
+                    problems.append(
+                        f"member {member.name}: its decoder would unpickle it; the stream "
+                        "refuses the sample (data.allow_unsafe=true only for data you wrote)"
+                    )
+                    continue
+                f = tar.extractfile(member)
+                parts[suffix.lower()] = f.read() if f else b""
+    except (tarfile.TarError, OSError) as e:
+        problems.append(f"cannot be read to its end after {found} samples: {e}")
+        key = None  # the sample being read when it broke is lost with the rest
+    close_sample()
+    problems += bad[:MAX_SAMPLE_LINES]
+    if len(bad) > MAX_SAMPLE_LINES:
+        problems.append(f"{len(bad) - MAX_SAMPLE_LINES} more samples that do not decode")
+    if found != info.samples:
+        lost = f": {info.samples - found} lost" if found < info.samples else ""
+        problems.append(f"{found} samples, manifest says {info.samples}{lost}")
+    return problems
+
+
+def check_shard(path: Path, info: ShardInfo) -> list[str]:
+    """Everything wrong with one local shard: missing, size or sha256 unlike the manifest,
+    members the stream refuses (pickle payloads), samples it skips, samples missing."""
+    problem = check_file(str(path), info, checksum=False)
+    if problem == "missing":
+        return [problem]
+    problems = [problem] if problem else []
+    if not problems and _sha256(path) != info.sha256:
+        problems.append("sha256 does not match the manifest")
+    return problems + _scan_members(path, info)
+
+
 def verify(out: Path, on_shard: Callable[[str], None] | None = None) -> list[str]:
-    """Check every shard's size, checksum and samples. Returns one line per bad shard."""
+    """Check every shard's size, checksum, members and samples. Returns one line per problem,
+    each starting with the shard's name."""
     manifest = read_manifest(out)
     root = Path(out) if Path(out).is_dir() else Path(out).parent
     problems = []
     for split in manifest.splits.values():
         for info in split.shards:
-            problem = _check_shard(root / info.name, info)
-            if problem:
-                problems.append(f"{info.name}: {problem}")
+            problems += [f"{info.name}: {p}" for p in check_shard(root / info.name, info)]
             if on_shard is not None:
                 on_shard(info.name)
     return problems

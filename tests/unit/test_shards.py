@@ -43,7 +43,10 @@ def test_verify_catches_truncated_shard(make_shards):
     path = out / "train-000000.tar"
     path.write_bytes(path.read_bytes()[:1500])
     problems = verify(out)
-    assert len(problems) == 1 and "train-000000.tar" in problems[0]
+    # One line per problem, each naming the shard: its size, where reading broke off, the loss.
+    assert problems[0] == "train-000000.tar: size 1500 bytes, manifest says 51200"
+    assert all(p.startswith("train-000000.tar: ") for p in problems)
+    assert problems[-1] == "train-000000.tar: 0 samples, manifest says 10: 10 lost"
 
 
 def test_refuses_non_empty_dir_and_overwrites(tmp_path):
