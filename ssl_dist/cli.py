@@ -67,7 +67,8 @@ def data_prepare(
 
 @data_app.command("verify")
 def data_verify(directory: Annotated[Path, typer.Argument(help="Shard directory.")]) -> None:
-    """Check every shard's checksum and decode every sample; exit 1 naming bad shards."""
+    """Check every shard's size and checksum, decode every sample and flag members whose
+    decoders would unpickle them; exit 1 with one line per problem."""
     from ssl_dist.data.shards import verify
 
     problems = verify(directory)
@@ -101,8 +102,11 @@ def data_stream(
     typer.echo(
         f"streamed {st.batches} batches / {st.samples} images in {st.seconds:.2f}s: "
         f"{st.samples / max(st.seconds, 1e-9):.0f} images/s, {st.skipped} skipped, "
+        f"{st.lost} lost, {st.repeats} top-up repeats, "
         f"batch shape {tuple(batch.images.shape) if st.batches else None}"
     )
+    for line in st.report():
+        typer.echo(f"damaged {line}")
 
 
 @app.command("pretrain")

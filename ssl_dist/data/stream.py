@@ -17,6 +17,14 @@ Two modes (``DataConfig.mode``):
   (seed, epoch, rank, worker), and the rank yields a fixed number of batches; for data sets with
   fewer shards than ranks x workers, or too large to count on.
 
+Damaged data (``DataConfig.on_damage``): before an epoch the rank compares its shards' sizes
+(and with ``verify_checksums`` their sha256) with the manifest. While reading, each shard's
+samples are counted: what a shard falls short of its manifest count is *lost*; a sample that
+does not decode is *skipped*; samples a rank reads again to make up its batch count are *top-up
+repeats*. ``StreamStats`` holds the counts and a report per damaged shard; a shard problem fails
+the stream under ``on_damage.shard=fail`` (before the first batch when the check before the
+epoch finds it), a sample problem under ``on_damage.sample=fail``.
+
 Loader workers start with ``forkserver`` or ``spawn``, never fork: a forked worker inside a Ray
 worker that already holds threads can deadlock in CPython's after-fork code.
 """
@@ -25,7 +33,9 @@ from __future__ import annotations
 
 import io
 import logging
+import queue
 import random
+import threading
 import time
 import warnings
 from collections.abc import Iterator
@@ -40,17 +50,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_dist.config import ConfigError, DataConfig
-from ssl_dist.data.shards import MANIFEST, Manifest, parse_manifest
+from ssl_dist.data.shards import (
+    IMAGE_EXTS,
+    MANIFEST,
+    Manifest,
+    ShardInfo,
+    check_file,
+    is_unsafe,
+    parse_manifest,
+)
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "ppm", "pgm")
-UNSAFE_EXTS = ("pyd", "pickle", "pkl", "pth", "pt", "pyd.gz")
-"""Extensions whose decoders would unpickle the payload: refused unless data.allow_unsafe."""
 
 
 class UnsafeDataError(ConfigError):
     """A shard URL or sample would run or unpickle untrusted content."""
+
+
+class DamagedDataError(RuntimeError):
+    """A shard or sample is damaged and ``data.on_damage`` says to fail."""
 
 
 class StreamTimeout(RuntimeError):
@@ -66,14 +84,134 @@ class Batch:
 
 
 @dataclass
+class ShardReport:
+    """What one shard cost a rank in one epoch."""
+
+    name: str
+    expected: int
+    """Samples in the manifest."""
+    read: int | None = None
+    """Samples found in the shard (decodable or not); None until it was read to its end."""
+    skipped: set[str] = field(default_factory=set)
+    """Keys of its samples that did not decode."""
+    problems: list[str] = field(default_factory=list)
+    """What is wrong with the file: missing, size, sha256, where reading it broke off."""
+
+    @property
+    def lost(self) -> int:
+        """Samples the manifest counts that were not found (0 until read to its end)."""
+        return 0 if self.read is None else max(0, self.expected - self.read)
+
+    @property
+    def damaged(self) -> bool:
+        """A shard problem (as opposed to single undecodable samples)."""
+        return bool(self.problems or self.lost)
+
+    def line(self) -> str:
+        counts = []
+        if self.lost:
+            counts.append(f"{self.lost} of {self.expected} samples lost")
+        elif self.read is None and self.problems:
+            counts.append("not read this epoch")
+        if self.skipped:
+            counts.append(f"{len(self.skipped)} samples skipped (do not decode)")
+        return f"{self.name}: " + "; ".join(p for p in [", ".join(counts), *self.problems] if p)
+
+
+@dataclass
 class StreamStats:
     batches: int = 0
     samples: int = 0
-    skipped: int = 0
-    """Samples that failed to decode (or whole shards that failed to read, counted once each)."""
     topups: int = 0
-    """Extra passes over this rank's shards needed to fill the batch count after skips."""
+    """Extra passes over this rank's shards needed to fill the batch count."""
+    repeats: int = 0
+    """Samples in this epoch's batches that came from those extra passes (read twice)."""
     seconds: float = 0.0
+    shards: dict[str, ShardReport] = field(default_factory=dict)
+    """Reports of the shards that lost or skipped samples or have a problem, by name."""
+
+    @property
+    def skipped(self) -> int:
+        """Samples that did not decode (each counted once, however often read)."""
+        return sum(len(r.skipped) for r in self.shards.values())
+
+    @property
+    def lost(self) -> int:
+        """Samples of damaged shards that could not be read: manifest count minus found."""
+        return sum(r.lost for r in self.shards.values())
+
+    def report(self) -> list[str]:
+        """One line per shard that cost samples or has a problem."""
+        return [r.line() for _, r in sorted(self.shards.items())]
+
+    def row(self, names: list[str]) -> torch.Tensor:
+        """This rank's counts as one float64 vector for a gather across ranks: skipped, lost,
+        repeats, then (lost, skipped, damaged) per shard of `names` (the manifest's order)."""
+        out = torch.zeros(3 + 3 * len(names), dtype=torch.float64)
+        out[:3] = torch.tensor([self.skipped, self.lost, self.repeats], dtype=torch.float64)
+        index = {n: i for i, n in enumerate(names)}
+        for name, r in self.shards.items():
+            i = 3 + 3 * index[name]
+            out[i : i + 3] = torch.tensor([r.lost, len(r.skipped), float(r.damaged)])
+        return out
+
+
+@dataclass
+class EpochDamage:
+    """Every rank's counts for one epoch, from the rows of :meth:`StreamStats.row`."""
+
+    skipped: list[int]
+    lost: list[int]
+    repeats: list[int]
+    """Per rank."""
+    shards: dict[str, tuple[int, int, list[int]]]
+    """Shards with damage or skipped samples: name -> (lost, skipped, ranks that read it)."""
+    damaged: list[str]
+    """Names of the shards with a shard problem (missing, size, sha256, cut short)."""
+
+    @classmethod
+    def from_rows(cls, rows: torch.Tensor, names: list[str]) -> EpochDamage:
+        rows = rows.round().to(torch.int64)
+        per = rows[:, 3:].reshape(rows.shape[0], len(names), 3)
+        shards, damaged = {}, []
+        for i, name in enumerate(names):
+            col = per[:, i, :]
+            if col.any():
+                ranks = [r for r in range(rows.shape[0]) if col[r].any()]
+                shards[name] = (int(col[:, 0].sum()), int(col[:, 1].sum()), ranks)
+                if col[:, 2].any():
+                    damaged.append(name)
+        return cls(rows[:, 0].tolist(), rows[:, 1].tolist(), rows[:, 2].tolist(), shards, damaged)
+
+    def metrics(self) -> dict[str, float]:
+        """``data/...`` totals over ranks and ``data/rank{r}/...`` per rank."""
+        out = {
+            "data/samples_lost": float(sum(self.lost)),
+            "data/samples_skipped": float(sum(self.skipped)),
+            "data/topup_repeats": float(sum(self.repeats)),
+            "data/shards_damaged": float(len(self.damaged)),
+        }
+        for r, (s, lost, rep) in enumerate(zip(self.skipped, self.lost, self.repeats, strict=True)):
+            out[f"data/rank{r}/samples_lost"] = float(lost)
+            out[f"data/rank{r}/samples_skipped"] = float(s)
+            out[f"data/rank{r}/topup_repeats"] = float(rep)
+        return out
+
+    def lines(self) -> list[str]:
+        """The report, one line per affected shard and one of totals; empty when clean."""
+        if not (self.shards or any(self.repeats)):
+            return []
+        out = [
+            f"{name}: {lost} samples lost, {skipped} skipped (rank {', '.join(map(str, ranks))})"
+            + (" [damaged]" if name in self.damaged else "")
+            for name, (lost, skipped, ranks) in self.shards.items()
+        ]
+        out.append(
+            f"data: {sum(self.lost)} samples lost, {sum(self.skipped)} skipped, "
+            f"{sum(self.repeats)} top-up repeats (per rank: lost {self.lost}, skipped "
+            f"{self.skipped}, repeats {self.repeats})"
+        )
+        return out
 
 
 @dataclass
@@ -82,6 +220,18 @@ class ShardSet:
     urls: list[str]
     counts: list[int]
     allow_unsafe: bool = False
+    infos: list[ShardInfo] = field(default_factory=list)
+    """The manifest's entry of each URL (same order)."""
+    verified: set[str] = field(default_factory=set)
+    """URLs whose sha256 matched the manifest in this process (not hashed again)."""
+
+    def check(self, i: int, checksum: bool) -> str | None:
+        """What is wrong with shard `i`'s file against the manifest, or None (see check_file)."""
+        url = self.urls[i]
+        problem = check_file(url, self.infos[i], checksum and url not in self.verified)
+        if problem is None and checksum:
+            self.verified.add(url)
+        return problem
 
 
 def _check_url(url: str, allow_unsafe: bool) -> None:
@@ -125,7 +275,8 @@ def open_shards(cfg: DataConfig, split: str | None = None) -> ShardSet:
             )
     for u in urls:
         _check_url(u, cfg.allow_unsafe)
-    return ShardSet(manifest, urls, [s.samples for s in info.shards], cfg.allow_unsafe)
+    counts = [s.samples for s in info.shards]
+    return ShardSet(manifest, urls, counts, cfg.allow_unsafe, infos=list(info.shards))
 
 
 def plan_exact(
@@ -152,30 +303,19 @@ def plan_exact(
     return per_rank[rank], batches
 
 
-class _Counter:
-    """Counts read errors; the handler webdataset calls on a bad shard or sample."""
+def _open(url: str):
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen
 
-    def __init__(self) -> None:
-        self.errors = 0
-
-    def __call__(self, exn: BaseException) -> bool:
-        self.errors += 1
-        log.warning("skipping unreadable shard data: %s", exn.args[0] if exn.args else exn)
-        return True
+        return gopen(url)
+    return fsspec.open(url, "rb").open()
 
 
-def _open_urls(urls, allow_unsafe: bool):
-    for url in urls:
-        if url.startswith("pipe:"):
-            from webdataset.gopen import gopen
-
-            stream = gopen(url)
-        else:
-            stream = fsspec.open(url, "rb").open()
-        try:
-            yield {"url": url, "stream": stream}
-        finally:
-            stream.close()
+def _message(exn: BaseException) -> str:
+    """An exception in one line, without the stream object webdataset appends to it."""
+    first = exn.args[0] if exn.args else ""
+    text = first if isinstance(first, str) else str(exn)
+    return f"{type(exn).__name__}: {text.split(' @ ', 1)[0]}".rstrip(": ")
 
 
 def decode_image(payload: bytes, size: int, channels: int) -> torch.Tensor:
@@ -193,12 +333,26 @@ def decode_image(payload: bytes, size: int, channels: int) -> torch.Tensor:
 class ShardReader(IterableDataset):
     """Per-rank reader; each DataLoader worker takes its share of this rank's shards.
 
-    Yields chunks ``(images uint8 [k,C,H,W], labels int64 [k], skipped)`` of up to `chunk`
-    samples; the main process re-batches them into exact batches.
+    Yields chunks ``(images uint8 [k,C,H,W], labels int64 [k], events)`` of up to `chunk`
+    samples, `events` saying which samples did not decode and how many samples each finished
+    shard held; the main process re-batches them into exact batches and keeps the counts.
     """
 
-    def __init__(self, urls, *, mode, seed, epoch, rank, image_size, channels, shuffle_buffer,
-                 allow_unsafe, chunk, salt=0):  # fmt: skip
+    def __init__(
+        self,
+        urls,
+        *,
+        mode,
+        seed,
+        epoch,
+        rank,
+        image_size,
+        channels,
+        shuffle_buffer,
+        allow_unsafe,
+        chunk,
+        salt=0,
+    ):
         super().__init__()
         self.urls, self.mode, self.seed, self.epoch, self.rank = urls, mode, seed, epoch, rank
         self.image_size, self.channels, self.chunk = image_size, channels, chunk
@@ -210,10 +364,28 @@ class ShardReader(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.salt}")
         return (rng.choice(self.urls) for _ in count())
 
-    def _samples(self, worker: int, num_workers: int, errors: _Counter) -> Iterator[dict]:
+    @staticmethod
+    def _shard(url: str, events: list) -> Iterator[dict]:
+        """The samples of one shard, then an ``("end", url, found, error)`` event: how many
+        samples were found and, if reading broke off, why. Nothing is sent for a shard left
+        unfinished (the epoch had its batches)."""
+        found, error = 0, None
+        try:
+            stream = _open(url)
+            try:
+                files = tar_file_expander([{"url": url, "stream": stream}])
+                for sample in group_by_keys(files):
+                    found += 1
+                    yield sample
+            finally:
+                stream.close()
+        except Exception as e:  # missing, unreachable or cut short: counted, the policy decides
+            error = _message(e)
+        events.append(("end", url, found, error))
+
+    def _samples(self, worker: int, num_workers: int, events: list) -> Iterator[dict]:
         urls = self._worker_urls(worker, num_workers)
-        files = tar_file_expander(_open_urls(urls, self.allow_unsafe), handler=errors)
-        samples = group_by_keys(files, handler=errors)
+        samples = (s for url in urls for s in self._shard(url, events))
         if self.shuffle_buffer <= 1:
             yield from samples
             return
@@ -229,7 +401,7 @@ class ShardReader(IterableDataset):
         yield from buf
 
     def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
-        bad = [k for k in sample if k.endswith(UNSAFE_EXTS)]
+        bad = [k for k in sample if is_unsafe(k)]
         if bad and not self.allow_unsafe:
             raise UnsafeDataError(
                 f"sample {sample['__key__']} in {sample['__url__']} carries {bad}: pickle "
@@ -243,27 +415,27 @@ class ShardReader(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        errors = _Counter()
+        # Events since the last chunk: ("skip", url, key, why) and ("end", url, found, error).
+        events: list = []
         images: list[torch.Tensor] = []
         labels: list[int] = []
-        reported = 0
-        for sample in self._samples(worker, num_workers, errors):
+        for sample in self._samples(worker, num_workers, events):
             try:
                 image, label = self._decode(sample)
             except UnsafeDataError:
                 raise
-            except Exception as e:  # a corrupt sample is skipped and counted, never fatal
-                errors(e)
+            except Exception as e:  # a corrupt sample: counted; the policy decides
+                events.append(("skip", sample["__url__"], sample["__key__"], _message(e)))
                 continue
             images.append(image)
             labels.append(label)
             if len(images) == self.chunk:
-                yield torch.stack(images), torch.tensor(labels), errors.errors - reported
-                reported = errors.errors
+                sent, events[:] = list(events), []
+                yield torch.stack(images), torch.tensor(labels), sent
                 images, labels = [], []
-        if images or errors.errors > reported:
+        if images or events:
             stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
-            yield stacked, torch.tensor(labels, dtype=torch.int64), errors.errors - reported
+            yield stacked, torch.tensor(labels, dtype=torch.int64), list(events)
 
 
 @dataclass
@@ -280,6 +452,7 @@ class Stream:
     stats: StreamStats = field(default_factory=StreamStats)
 
     def __post_init__(self) -> None:
+        self._index = {url: i for i, url in enumerate(self.shards.urls)}
         b = self.cfg.batch_size
         if self.partial:
             # Evaluation: every sample of this rank's shards once, last batch may be short.
@@ -298,14 +471,123 @@ class Stream:
     def __len__(self) -> int:
         return self.num_batches
 
+    def _report(self, url: str) -> ShardReport:
+        """The report of the shard at `url` (created on its first damage)."""
+        info = self.shards.infos[self._index[url]]
+        if info.name not in self.stats.shards:
+            self.stats.shards[info.name] = ShardReport(info.name, info.samples)
+        return self.stats.shards[info.name]
+
+    def _fail(self, what: str, policy: str) -> DamagedDataError:
+        return DamagedDataError(
+            f"rank {self.rank}, epoch {self.epoch}: {what}. `ssl-dist data verify DIR` lists "
+            f"every problem of a shard set; set data.on_damage.{policy}=skip to train on "
+            "without what is lost (it is counted and reported)"
+        )
+
+    CHECK_THREADS = 16
+    """Shards compared with the manifest at once (HEAD requests for remote shards)."""
+
+    def _check_files(self, urls: list[str]) -> dict[str, str | None]:
+        """`ShardSet.check` of each URL, a few at a time on daemon threads: a server that never
+        answers fails the check after data.first_batch_timeout_s without an answer."""
+        todo: queue.SimpleQueue[str] = queue.SimpleQueue()
+        done: queue.SimpleQueue[tuple[str, str | None]] = queue.SimpleQueue()
+        for url in urls:
+            todo.put(url)
+
+        def work() -> None:
+            while True:
+                try:
+                    url = todo.get_nowait()
+                except queue.Empty:
+                    return
+                try:
+                    checksum = self.cfg.verify_checksums
+                    done.put((url, self.shards.check(self._index[url], checksum)))
+                except Exception as e:
+                    done.put((url, f"cannot be checked: {_message(e)}"))
+
+        for _ in range(min(self.CHECK_THREADS, len(urls))):
+            threading.Thread(target=work, daemon=True, name="shard-check").start()
+        out: dict[str, str | None] = {}
+        while len(out) < len(urls):
+            try:
+                url, problem = done.get(timeout=self.cfg.first_batch_timeout_s)
+            except queue.Empty:
+                raise StreamTimeout(
+                    f"rank {self.rank}: no answer within {self.cfg.first_batch_timeout_s:.0f}s "
+                    "(data.first_batch_timeout_s) while comparing the shards with the manifest; "
+                    "check that the shards are reachable"
+                ) from None
+            out[url] = problem
+        return out
+
+    def check(self) -> None:
+        """Compare this rank's shards with the manifest (sizes; sha256 with
+        data.verify_checksums). Raises DamagedDataError under on_damage.shard=fail."""
+        # A command's output (pipe:) has no size to compare.
+        urls = [u for u in dict.fromkeys(self.urls) if not u.startswith("pipe:")]
+        checked = self._check_files(urls)
+        problems = []
+        for url in urls:
+            if problem := checked[url]:
+                report = self._report(url)
+                report.problems.append(problem)
+                problems.append(f"{report.name}: {problem}")
+                log.warning("rank %d: shard %s", self.rank, problems[-1])
+        if problems and self.cfg.on_damage.shard == "fail":
+            raise self._fail("shards do not match the manifest: " + "; ".join(problems), "shard")
+
+    def _record(self, events: list) -> None:
+        """Fold a chunk's events into the per-shard reports; apply the damage policy."""
+        policy = self.cfg.on_damage
+        for event in events:
+            kind, url = event[0], event[1]
+            if kind == "skip":
+                key, why = event[2], event[3]
+                report = self._report(url)
+                if key in report.skipped:
+                    continue  # read again in a top-up pass
+                if policy.sample == "fail":
+                    raise self._fail(f"sample {key} of shard {report.name}: {why}", "sample")
+                report.skipped.add(key)
+                log.warning(
+                    "rank %d: skipping sample %s of %s: %s", self.rank, key, report.name, why
+                )
+                continue
+            found, error = event[2], event[3]
+            info = self.shards.infos[self._index[url]]
+            damaged = error is not None or found < info.samples
+            if not damaged and info.name not in self.stats.shards:
+                continue
+            report = self._report(url)
+            if report.read is not None:
+                continue  # read again in a top-up pass: counted once
+            report.read = found
+            if not damaged:
+                continue
+            if error is not None and "missing" not in report.problems:
+                report.problems.append(f"reading broke off: {error}")
+            if policy.shard == "fail":
+                raise self._fail(f"shard {report.line()}", "shard")
+            log.warning("rank %d: shard %s", self.rank, report.line())
+
     def _loader(self, salt: int) -> DataLoader:
         m = self.shards.manifest
         reader = ShardReader(
-            self.urls, mode="exact" if self.partial else self.cfg.mode, seed=self.seed,
-            epoch=self.epoch, rank=self.rank, image_size=self.cfg.image_size,
-            channels=m.channels, shuffle_buffer=0 if self.partial else self.cfg.shuffle_buffer,
-            allow_unsafe=self.cfg.allow_unsafe, chunk=min(self.cfg.batch_size, 64), salt=salt,
-        )  # fmt: skip
+            self.urls,
+            mode="exact" if self.partial else self.cfg.mode,
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            image_size=self.cfg.image_size,
+            channels=m.channels,
+            shuffle_buffer=0 if self.partial else self.cfg.shuffle_buffer,
+            allow_unsafe=self.cfg.allow_unsafe,
+            chunk=min(self.cfg.batch_size, 64),
+            salt=salt,
+        )
         workers = self.cfg.loader_workers
         return DataLoader(
             reader,
@@ -321,23 +603,28 @@ class Stream:
             ),
         )
 
-    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Chunks from the loader; in exact mode a short pass (after skips) is topped up by
-        another pass over this rank's shards, so the batch count never falls short."""
+    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
+        """Chunks ``(images, labels, repeated)`` from the loader; in exact mode a short pass
+        (after lost or skipped samples) is topped up by another pass over this rank's shards,
+        so the batch count never falls short; its samples come with ``repeated=True``."""
         for salt in count():
             if salt > 0:
                 if self.partial or salt > 3:
                     return
                 self.stats.topups += 1
-                log.warning("rank %d: shards ran short after %d skipped samples; topping up",
-                            self.rank, self.stats.skipped)  # fmt: skip
+                log.warning(
+                    "rank %d: shards ran short (%d samples lost, %d skipped); topping up",
+                    self.rank,
+                    self.stats.lost,
+                    self.stats.skipped,
+                )
             got = 0
             try:
-                for images, labels, skipped in self._loader(salt):
-                    self.stats.skipped += int(skipped)
+                for images, labels, events in self._loader(salt):
+                    self._record(events)
                     got += len(labels)
                     if len(labels):
-                        yield images, labels
+                        yield images, labels, salt > 0
             except RuntimeError as e:
                 if "timed out" in str(e).lower():
                     raise StreamTimeout(
@@ -350,20 +637,24 @@ class Stream:
                 return
 
     def __iter__(self) -> Iterator[Batch]:
+        self.check()
         start = time.perf_counter()
         b = self.cfg.batch_size
         pending_x: list[torch.Tensor] = []
         pending_y: list[torch.Tensor] = []
+        pending_r: list[torch.Tensor] = []
         have = 0
-        for images, labels in self._chunks():
+        for images, labels, repeated in self._chunks():
             pending_x.append(images)
             pending_y.append(labels)
+            pending_r.append(torch.full((len(labels),), repeated))
             have += len(labels)
             while have >= b and self.stats.batches < self.num_batches:
-                x, y = torch.cat(pending_x), torch.cat(pending_y)
-                pending_x, pending_y, have = [x[b:]], [y[b:]], have - b
+                x, y, r = torch.cat(pending_x), torch.cat(pending_y), torch.cat(pending_r)
+                pending_x, pending_y, pending_r, have = [x[b:]], [y[b:]], [r[b:]], have - b
                 self.stats.batches += 1
                 self.stats.samples += b
+                self.stats.repeats += int(r[:b].sum())
                 self.stats.seconds = time.perf_counter() - start
                 yield Batch(x[:b], y[:b])
             if self.stats.batches >= self.num_batches:
@@ -373,20 +664,33 @@ class Stream:
             self.stats.samples += have
             yield Batch(torch.cat(pending_x), torch.cat(pending_y))
         self.stats.seconds = time.perf_counter() - start
-        if self.stats.skipped:
-            log.warning("rank %d epoch %d: skipped %d unreadable samples",
-                        self.rank, self.epoch, self.stats.skipped)  # fmt: skip
+        if self.stats.shards or self.stats.repeats:
+            log.warning(
+                "rank %d epoch %d: %d samples lost, %d skipped, %d top-up repeats",
+                self.rank,
+                self.epoch,
+                self.stats.lost,
+                self.stats.skipped,
+                self.stats.repeats,
+            )
         if not self.partial and self.stats.batches < self.num_batches:
-            raise RuntimeError(
+            raise DamagedDataError(
                 f"rank {self.rank}: only {self.stats.batches} of {self.num_batches} batches "
-                f"could be read ({self.stats.skipped} samples skipped); the shards are damaged"
+                f"could be read ({self.stats.lost} samples lost, {self.stats.skipped} skipped); "
+                "the shards are damaged: " + "; ".join(self.stats.report())
             )
 
 
 def stream(
-    cfg: DataConfig, rank: int, world_size: int, epoch: int, seed: int = 0,
-    split: str | None = None, partial: bool = False, shards: ShardSet | None = None,
-) -> Stream:  # fmt: skip
+    cfg: DataConfig,
+    rank: int,
+    world_size: int,
+    epoch: int,
+    seed: int = 0,
+    split: str | None = None,
+    partial: bool = False,
+    shards: ShardSet | None = None,
+) -> Stream:
     """Batches of one epoch for one rank. `partial=True` reads every sample once (evaluation)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
