@@ -44,7 +44,7 @@ import ray.train
 import torch
 
 from ssl_dist.config import Config, to_yaml
-from ssl_dist.data.stream import open_shards, stream
+from ssl_dist.data.stream import EpochDamage, open_shards, stream
 from ssl_dist.dist import collectives, zero
 from ssl_dist.methods.moco import MoCoV2
 from ssl_dist.train import checkpoint as ckpt
@@ -177,16 +177,27 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if done or stop:
                 break
         else:
+            _report_data(data, shards, tracker, state.step, device)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             if state.epoch % max(cfg.tracking.knn_every_epochs, 1) == 0:
                 speed.pause(lambda: tracker.knn(method, state.step))
             continue
+        _report_data(data, shards, tracker, state.step, device)
         break
     if bar is not None:
         bar.close()
     tracker.close()
     if _Preempted.flag:
         raise SystemExit("preempted: final checkpoint written")
+
+
+def _report_data(data, shards, tracker: _Tracker, step: int, device: torch.device) -> None:
+    """At the end of an epoch (or of this segment), where every rank arrives: every rank's
+    lost, skipped and top-up counts and its damaged shards, gathered to rank 0 (a collective)
+    and reported there."""
+    names = [info.name for info in shards.infos]
+    rows = collectives.all_gather_no_grad(data.stats.row(names).to(device)[None])
+    tracker.data(step, EpochDamage.from_rows(rows.cpu(), names))
 
 
 def _elastic_plan(cfg: Config, shards, world_size: int, first_size: int) -> tuple[StepPlan, int]:
@@ -338,6 +349,7 @@ class _Tracker:
             run_id = state.mlflow_run_id or driver_run_id
             self.logger = tracking.RunLogger(cfg, uri, run_id)
         self._proc: Any = None
+        self.damaged: set[str] = set()
 
     @property
     def run_id(self) -> str | None:
@@ -350,6 +362,25 @@ class _Tracker:
         out.update({f"method/{k}": float(v) for k, v in method_metrics.items()})
         out.update(self._system())
         self.logger.metrics(step, out)
+
+    def data(self, step: int, damage: EpochDamage) -> None:
+        """An epoch's data counts: metrics (``data/...``) every epoch; on damage the report on
+        stderr and the tag naming every damaged shard seen by this worker group."""
+        if self.rank != 0:
+            return
+        lines = damage.lines()
+        for line in lines:
+            print(f"step {step}: {line}", file=sys.stderr)
+        self.damaged.update(damage.damaged)
+        if self.logger is None:
+            return
+        self.logger.metrics(step, damage.metrics())
+        if damage.damaged:
+            names = sorted(self.damaged)
+            tag = ", ".join(names)
+            if len(tag) > 4000:  # MLflow's limit on a tag value is 5000 characters
+                tag = f"{tag[:4000].rsplit(', ', 1)[0]} ... ({len(names)} shards)"
+            self.logger.tags({"ssl_dist.damaged_shards": tag})
 
     def world_size(self, step: int, size: int, history: list[list[int]]) -> None:
         """Logged at every (re)start: the metric's history is the run's world-size history;
