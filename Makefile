@@ -5,18 +5,33 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 # These releases install from local files on our machines; elsewhere pip downloads them.
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+# The lock: exact versions of every package we install (pip constraints; `make lock` remakes it).
+LOCK := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install test demo retrain-e2e bench lint format clean
+.PHONY: install lock test demo retrain-e2e bench lint format clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH_SPEC)
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip install -q -c $(LOCK) $(TORCH_SPEC)
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[dev]'
 	touch $(STAMP)
+
+# Resolve pyproject.toml afresh in a throwaway venv (with the dev and cloud extras) and write
+# every resolved version to the lock. Review the diff before committing.
+lock:
+	rm -rf .lock-venv
+	$(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install -q --upgrade pip
+	.lock-venv/bin/python -m pip install -q $(TORCH_SPEC)
+	.lock-venv/bin/python -m pip install -q '.[dev,cloud]'
+	{ echo "# ssl-dist lock: exact versions for pip -c / uv pip -c. Made by 'make lock' on Python 3.11"; \
+	  echo "# ($$(uname -m)); it constrains only what is installed, so other platforms still resolve."; \
+	  .lock-venv/bin/python -m pip freeze --exclude ssl-dist; } > $(LOCK)
+	rm -rf .lock-venv
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

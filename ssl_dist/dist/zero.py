@@ -693,6 +693,29 @@ def _load_module_state(module: nn.Module, state: Mapping[str, Tensor]) -> None:
         raise KeyError(f"the checkpoint lacks {len(missing)} module entries: {missing[:5]}")
 
 
+RESHARD_TESTED_DEEPSPEED = "0.19"
+"""The DeepSpeed minor series whose ZeRO partition internals :func:`load_resharded` reads and
+``tests/dist/test_zero_reshard.py`` checks; pyproject.toml pins deepspeed to it."""
+
+
+def check_reshard_support(version: str) -> None:
+    """Refuse to re-shard with a DeepSpeed outside the tested minor series: the private
+    attributes read here change between minor releases, and a silent misread would corrupt the
+    optimizer state rather than fail.
+
+    Raises:
+        RuntimeError: `version` is not ``RESHARD_TESTED_DEEPSPEED.*``.
+    """
+    if version.split("+")[0].split(".")[:2] != RESHARD_TESTED_DEEPSPEED.split("."):
+        raise RuntimeError(
+            f"resuming a ZeRO 1-3 checkpoint at another world size re-partitions DeepSpeed's "
+            f"optimizer state through its internals, tested on deepspeed "
+            f"{RESHARD_TESTED_DEEPSPEED}.x; this is deepspeed {version}. Install the tested "
+            f"series (pip install -c constraints.txt -e .), or resume with the number of "
+            f"workers that wrote the checkpoint"
+        )
+
+
 def load_resharded(engine: DeepSpeedEngine, directory: str | Path, tag: str | None = None) -> dict:
     """:func:`load` for a ZeRO 1-3 checkpoint written by any number of ranks.
 
@@ -711,7 +734,12 @@ def load_resharded(engine: DeepSpeedEngine, directory: str | Path, tag: str | No
     Raises:
         ValueError: fp16 (its loss-scaler state is not carried), a stage-3 checkpoint into a
             stage-1/2 engine or the reverse, or state that does not fit the engine's model.
+        RuntimeError: a DeepSpeed release outside the tested series
+            (:func:`check_reshard_support`).
     """
+    import deepspeed
+
+    check_reshard_support(deepspeed.__version__)
     root, name = _checkpoint_dir(directory, tag)
     ckpt = root / name
     opt = _zero_optimizer(engine)

@@ -84,6 +84,11 @@ def _rule_opens(rule: dict[str, Any], port: int) -> bool:
     return lo == -1 or lo <= port <= hi
 
 
+def _uses_lock(command: str) -> bool:
+    """Whether a pip / uv pip install command installs under the project's lock."""
+    return re.search(r"(^|\s)(-c|--constraints?)[ =]\S*constraints\.txt", command) is not None
+
+
 def launcher_problems(cfg: dict[str, Any]) -> list[str]:
     """Everything the design relies on in a cluster-launcher config."""
     out: list[str] = []
@@ -140,6 +145,9 @@ def launcher_problems(cfg: dict[str, Any]) -> list[str]:
     ]
     if not installs:
         out.append("no setup command pip-installs the project (a mounted checkout or a wheel)")
+    unlocked = [c for c in setup if "pip install" in c and not _uses_lock(c)]
+    if unlocked:
+        out.append(f"pip install without the lock (-c .../constraints.txt): {unlocked[0]!r}")
 
     starts = [str(c) for c in cfg.get("head_start_ray_commands", [])]
     wstarts = [str(c) for c in cfg.get("worker_start_ray_commands", [])]
@@ -423,6 +431,12 @@ def dockerfile_problems(text: str) -> list[str]:
             out.append(f"does not COPY {part}")
     if not any(re.search(r"pip install (\S+ )*\.(\s|$)", ln) for ln in lines):
         out.append("does not pip install the project")
+    installs = [c for ln in lines for c in ln.split("&&") if "pip install" in c]
+    if "constraints.txt" not in copies:
+        out.append("does not COPY the lock (constraints.txt)")
+    for c in installs:
+        if not _uses_lock(c):
+            out.append(f"pip install without the lock: {c.strip()!r}")
     if not any(re.search(r"ray\[[^]]*default[^]]*\]", ln) for ln in lines):
         out.append("no ray[default] (dashboard and job server)")
     if f"WORKDIR {IMAGE_ROOT}" not in lines:
@@ -513,6 +527,7 @@ def _aws() -> dict[str, Any]:
         (lambda c: c["available_node_types"]["worker.gpu"]["resources"].pop("GPU"), "GPU"),
         (lambda c: c.pop("idle_timeout_minutes"), "idle_timeout_minutes"),
         (lambda c: c.update(setup_commands=["echo hi"]), "pip-installs"),
+        (lambda c: c.update(setup_commands=["pip install ~/ssl-dist"]), "without the lock"),
         (lambda c: c.update(head_start_ray_commands=["ray start --head"]), "RAY_AUTH_MODE"),
         (
             lambda c: c["provider"].update(
@@ -568,7 +583,10 @@ def test_ray_cluster_check_flags_broken_spec(mutate, needle):
 def test_other_checks_flag_broken_files():
     docker = (CLUSTER / "Dockerfile").read_text()
     assert any("non-root" in p for p in dockerfile_problems(docker + "\nUSER root\n"))
-    assert any("pip install" in p for p in dockerfile_problems(docker.replace("pip install .", "")))
+    no_project = docker.replace("pip install -c constraints.txt .", "")
+    assert any("pip install" in p for p in dockerfile_problems(no_project))
+    unlocked = docker.replace("-c constraints.txt", "")
+    assert any("without the lock" in p for p in dockerfile_problems(unlocked))
     open_world = 'aws ec2 authorize-security-group-ingress --ip-permissions "IpProtocol=tcp,'
     open_world += 'FromPort=8265,ToPort=8265,IpRanges=[{CidrIp=0.0.0.0/0}]"\n'
     assert len(_firewall_problems(open_world)) == 2
