@@ -148,7 +148,7 @@ class ModelConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["simclr", "moco_v2", "moco_v3"] = "simclr"
+    name: Literal["simclr", "moco_v2", "moco_v3", "rotation"] = "simclr"
     """Which self-supervised method to train."""
     temperature: float = Field(0.2, gt=0, le=10)
     """Softmax temperature of the contrastive loss."""
@@ -238,6 +238,9 @@ class TrackingConfig(_Strict):
     (the server may be down); what is left is reported in a warning."""
     knn_bank: int = Field(10000, ge=1)
     """Most train samples in the kNN bank."""
+    system_metrics_s: float = Field(10.0, ge=0)
+    """Seconds between samples of MLflow's system-metrics monitor (CPU, memory, disk, network,
+    GPU use and memory), one monitor per node, logged as ``system/<host name>/...``; 0: off."""
 
 
 class RunConfig(_Strict):

@@ -433,6 +433,40 @@ class RunLogger:
             shutil.rmtree(folder, ignore_errors=True)
 
 
+class NodeMetrics:
+    """MLflow's own system-metrics monitor for one node (CPU, memory, disk, network, and each
+    GPU's utilisation and memory through pynvml), logged to the run as
+    ``system/<node_id>/<metric>``. One per node: the worker with local rank 0 starts it.
+
+    Starting and stopping are bounded like every tracking call; when the server cannot be
+    reached the monitor is simply absent (MLflow's monitor also ends itself for good at its
+    first failed call, so an outage costs the rest of that segment's system metrics, never a
+    training step)."""
+
+    def __init__(self, uri: str, run_id: str, node_id: str, interval_s: float) -> None:
+        def start():
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            bound_http_client()
+            monitor = SystemMetricsMonitor(
+                run_id,
+                sampling_interval=interval_s,
+                resume_logging=True,
+                node_id=node_id,
+                tracking_uri=uri,
+            )
+            monitor.start()
+            return monitor
+
+        self.node_id = node_id
+        self._monitor = bounded(start, START_TIMEOUT_S, f"start system metrics on {node_id}")
+
+    def close(self, timeout_s: float) -> None:
+        if self._monitor is not None:
+            monitor, self._monitor = self._monitor, None
+            bounded(monitor.finish, timeout_s, f"stop system metrics on {self.node_id}")
+
+
 # --------------------------------------------------------------------------------------------
 # Driver side at the end: figures, the encoder as an MLflow model, the registry
 

@@ -394,60 +394,63 @@ class Supervised:
 def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, budget_s: float,
                      threads: int = 2, batch_size: int = 256, lr: float = 0.2,
                      weight_decay: float = 5e-4, seed: int = 0) -> Supervised:  # fmt: skip
-    """The same encoder (same init) + a linear head, cross-entropy, SGD with Nesterov momentum,
-    cosine schedule fitted to `budget_s` from the first steps' speed; random resized crop
-    (scale 0.5-1) and flip; stops when the time is up. Single process, `threads` threads."""
+    """The same encoder (same init) + the fine-tuning head (:class:`Classifier`), cross-entropy,
+    SGD with Nesterov momentum, trained through the project's step loop in this process
+    (`threads` threads): random resized crop (scale 0.5-1) and flip on the device; warm-up and
+    cosine (:func:`ssl_dist.optim.lr_at`) over the steps that fit `budget_s`, estimated from the
+    first steps' speed; a time limit stops it when the budget is spent."""
     import kornia.augmentation as K
+
+    from ssl_dist.methods.classify import Classifier, ClassifyInputs
+    from ssl_dist.optim import param_groups
+    from ssl_dist.train.parts import view_seed
+    from ssl_dist.train.runtime import (
+        Position,
+        Recorder,
+        Schedule,
+        TimeLimit,
+        TorchBackend,
+        run_steps,
+    )
 
     with torch_threads(threads):
         encoder = init_encoder(cfg)
-        head = nn.Linear(int(encoder.num_features), int(train.labels.max()) + 1)  # type: ignore[arg-type]
-        model = nn.Sequential(encoder, head)
+        model = Classifier(encoder, int(train.labels.max()) + 1)
         size = cfg.data.image_size
         aug = nn.Sequential(K.RandomResizedCrop((size, size), scale=(0.5, 1.0)),
                             K.RandomHorizontalFlip())  # fmt: skip
-        from ssl_dist.optim import param_groups
-
         opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9,
                               nesterov=True)  # fmt: skip
-        gen = torch.Generator().manual_seed(seed)
         n = len(train.labels)
         batch_size = min(batch_size, n)
-        start = time.perf_counter()
-        step, images, total, warmup = 0, 0, 0, 10
-        probe_steps = 8
-        torch.manual_seed(seed)
-        while True:
-            order = torch.randperm(n, generator=gen)
+
+        def batches(epoch: int):
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
             for i in range(0, n - batch_size + 1, batch_size):
-                elapsed = time.perf_counter() - start
-                if elapsed >= budget_s or (total and step >= total):
-                    break
-                if step == probe_steps:  # fit the cosine to the remaining time
-                    total = probe_steps + int((budget_s - elapsed) / (elapsed / probe_steps))
-                t = step / total if total else 0.0
-                g_lr = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * t))
-                for g in opt.param_groups:
-                    g["lr"] = g_lr
                 idx = order[i : i + batch_size]
-                x = views.plain(train.images[idx])
-                with torch.no_grad():
-                    x = aug(x)
-                loss = F.cross_entropy(model(x), train.labels[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                images += batch_size
-            else:
-                continue
-            break
+                yield Labelled(train.images[idx], train.labels[idx])
+
+        backend, inputs = TorchBackend(model, opt), ClassifyInputs(views, "cpu", aug)
+        state, recorder, warmup, probe_steps = Position(), Recorder(), 10, 8
+        start = time.perf_counter()
+        limit = TimeLimit(time.monotonic() + budget_s)
+
+        def run(total: int) -> None:
+            schedule = Schedule(total, lr, warmup)
+            run_steps(backend, inputs, batches, schedule, state, [limit, recorder],
+                      seed=lambda epoch, i: view_seed(seed, epoch, i, 0))  # fmt: skip
+
+        run(probe_steps)  # all of it warm-up: the schedule's length does not matter yet
+        elapsed = time.perf_counter() - start
+        if state.stopped is None:  # fit the cosine to the time that is left
+            run(probe_steps + int((budget_s - elapsed) / (elapsed / probe_steps)))
         seconds = time.perf_counter() - start
         with torch.no_grad():
             model.eval()
-            logits = torch.cat([model(views.plain(x)) for x in val.images.split(EVAL_BATCH)])
+            logits = torch.cat([model.logits(views.plain(x)) for x in val.images.split(EVAL_BATCH)])
         top1 = (logits.argmax(1) == val.labels).float().mean().item()
-    return Supervised(encoder, step, seconds, images / n, top1, images / seconds)
+    images = recorder.images
+    return Supervised(encoder, state.step, seconds, images / n, top1, images / seconds)
 
 
 # ---------------------------------------------------------------- outputs

@@ -42,11 +42,13 @@ from ssl_dist.bench.report import free_port, table, torch_threads, write
 from ssl_dist.bench.train import plain_rate, ray_rate
 from ssl_dist.config import Config, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
+from ssl_dist.train.runtime import Hook, PhaseClock, Position, Schedule, TorchBackend, run_steps
 
 WARMUP = 5
 """Untimed steps at the start of every measurement (the trainer's own ``_Speed.WARMUP``)."""
-PHASES = ("data", "views", "forward", "gather_fwd", "backward", "gather_bwd", "grad_allreduce",
+PHASES = ("data", "inputs", "forward", "gather_fwd", "backward", "gather_bwd", "grad_allreduce",
           "optimizer")  # fmt: skip
+"""Phases of a step as the step loop's :class:`PhaseClock` names them (``inputs``: the views)."""
 RATE_COLUMNS = ["runner", "nodes", "workers", "per_worker_batch", "images_s", "step_ms",
                 "scaling_eff", "vs_bare", "gflop_s", "of_peak"]  # fmt: skip
 
@@ -120,16 +122,7 @@ def bare_rate(cfg: Config, threads: int) -> dict[str, float]:
 # ---------------------------------------------------------------- phase shares (gloo group)
 
 
-class _PhaseClock:
-    def __init__(self) -> None:
-        self.t: dict[str, float] = dict.fromkeys(PHASES, 0.0)
-        self.mark = 0.0
-
-    def add(self, phase: str, seconds: float) -> None:
-        self.t[phase] += seconds
-
-
-def _timed_gather(clock: _PhaseClock, original: Callable[[torch.Tensor], torch.Tensor]):
+def _timed_gather(clock: PhaseClock, original: Callable[[torch.Tensor], torch.Tensor]):
     """``all_gather_with_grad`` that books its forward and its backward on `clock`."""
 
     def gather(x: torch.Tensor) -> torch.Tensor:
@@ -137,12 +130,13 @@ def _timed_gather(clock: _PhaseClock, original: Callable[[torch.Tensor], torch.T
         out = original(x)
         clock.add("gather_fwd", time.perf_counter() - start)
         if out.requires_grad and x.requires_grad:
+            mark = [0.0]
 
             def grad_out(g: torch.Tensor) -> None:
-                clock.mark = time.perf_counter()
+                mark[0] = time.perf_counter()
 
             def grad_in(g: torch.Tensor) -> None:
-                clock.add("gather_bwd", time.perf_counter() - clock.mark)
+                clock.add("gather_bwd", time.perf_counter() - mark[0])
 
             out.register_hook(grad_out)
             x.register_hook(grad_in)
@@ -151,13 +145,44 @@ def _timed_gather(clock: _PhaseClock, original: Callable[[torch.Tensor], torch.T
     return gather
 
 
+def _mean_allreduce(params: list[torch.nn.Parameter]) -> None:
+    """Average gradients over the group in one flat buffer (as DeepSpeed's ZeRO-0 does)."""
+    import torch.distributed as dist
+
+    flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.grad.numel()  # type: ignore[union-attr]
+        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))  # type: ignore[union-attr]
+        offset += n
+
+
+class _PhaseRows(Hook):
+    """One row of phase seconds per timed optimizer step (after `WARMUP` untimed ones); the
+    gathers run inside forward and backward, so they are taken out of those two phases."""
+
+    def __init__(self, clock: PhaseClock) -> None:
+        self.clock, self.rows, self.last = clock, [], time.perf_counter()
+
+    def after_step(self, state, out) -> None:
+        t = {p: 0.0 for p in PHASES} | self.clock.take()
+        t["forward"] -= t["gather_fwd"]
+        t["backward"] -= t["gather_bwd"]
+        now = time.perf_counter()
+        if out.step > WARMUP:
+            self.rows.append({**{p: t[p] for p in PHASES}, "step": now - self.last})
+        self.last = now
+
+
 def _phase_worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) -> None:
     import torch.distributed as dist
 
     from ssl_dist.data.stream import open_shards, stream
     from ssl_dist.dist import collectives
     from ssl_dist.optim import build_optimizer, param_groups
-    from ssl_dist.train.parts import build_model, build_views, plan_steps, view_seed
+    from ssl_dist.train.parts import build_model, plan_steps, view_seed
 
     torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
     if sys.platform.startswith("linux"):
@@ -168,63 +193,30 @@ def _phase_worker(rank: int, world: int, port: int, job: dict[str, Any], result:
         cfg = Config.model_validate(job["config"])
         shards = open_shards(cfg.data)
         plan = plan_steps(cfg, shards, world)
-        views = build_views(cfg, shards.manifest)
         method = build_model(cfg)
-        params = [p for p in method.parameters() if p.requires_grad]
         opt = build_optimizer(param_groups(method, cfg.optim.weight_decay), cfg.optim,
                               plan.peak_lr)  # fmt: skip
-        clock = _PhaseClock()
+        clock = PhaseClock()
         collectives.all_gather_with_grad = _timed_gather(  # type: ignore[assignment]
             clock, collectives.all_gather_with_grad
         )
-        steps, epoch, rows = job["steps"], 0, []
-        it = iter(stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards))
-        for step in range(WARMUP + steps):
-            clock.t = dict.fromkeys(PHASES, 0.0)
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                epoch += 1
-                it = iter(stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards))
-                batch = next(it)
-            t1 = time.perf_counter()
-            x1, x2 = views(batch.images, seed=view_seed(cfg.run.seed, epoch, step, rank))
-            t2 = time.perf_counter()
-            loss, _ = method(x1, x2)
-            t3 = time.perf_counter()
-            loss.backward()
-            t4 = time.perf_counter()
-            flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
-            dist.all_reduce(flat)
-            flat /= world
-            offset = 0
-            for p in params:
-                if p.grad is not None:
-                    n = p.grad.numel()
-                    p.grad.copy_(flat[offset : offset + n].view_as(p.grad))
-                    offset += n
-            t5 = time.perf_counter()
-            for g in opt.param_groups:
-                g["lr"] = plan.lr(step, cfg)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            method.momentum_update(step + 1, plan.total_steps)
-            t6 = time.perf_counter()
-            clock.add("data", t1 - t0)
-            clock.add("views", t2 - t1)
-            clock.add("forward", t3 - t2 - clock.t["gather_fwd"])
-            clock.add("backward", t4 - t3 - clock.t["gather_bwd"])
-            clock.add("grad_allreduce", t5 - t4)
-            clock.add("optimizer", t6 - t5)
-            if step >= WARMUP:
-                rows.append({**clock.t, "step": t6 - t0})
-        med = {k: statistics.median(r[k] for r in rows) for k in (*PHASES, "step")}
-        mean = {k: sum(r[k] for r in rows) / len(rows) for k in (*PHASES, "step")}
+        rows = _PhaseRows(clock)
+        run_steps(
+            TorchBackend(method, opt, allreduce=_mean_allreduce, clock=clock),
+            method.make_inputs(cfg, shards.manifest, "cpu"),
+            lambda epoch: stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards),
+            Schedule(WARMUP + job["steps"], plan.peak_lr, cfg.optim.warmup_steps),
+            Position(),
+            [rows],
+            seed=lambda epoch, i: view_seed(cfg.run.seed, epoch, i, rank),
+            clock=clock,
+        )
+        keys = (*PHASES, "step")
+        med = {k: statistics.median(r[k] for r in rows.rows) for k in keys}
+        mean = sum(r["step"] for r in rows.rows) / len(rows.rows)
         both = collectives.all_gather_no_grad(
-            torch.tensor([[med[k] for k in (*PHASES, "step")] + [mean["step"]]],
-                         dtype=torch.float64)
-        )  # fmt: skip
+            torch.tensor([[med[k] for k in keys] + [mean]], dtype=torch.float64)
+        )
     finally:
         dist.destroy_process_group()
     if rank == 0:

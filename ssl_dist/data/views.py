@@ -21,7 +21,8 @@ grey image), which is what the SimCLR strength ``s`` was tuned for.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import kornia.augmentation as K
 import torch
@@ -29,7 +30,8 @@ import torchvision.transforms.v2 as T
 from kornia.color import rgb_to_grayscale
 from torch import nn
 
-from ssl_dist.config import ViewsConfig
+from ssl_dist.config import Config, ViewsConfig
+from ssl_dist.data.shards import Manifest
 
 BLUR_SIGMA = (0.1, 2.0)
 
@@ -142,13 +144,16 @@ class TwoViews(nn.Module):
                 f"expected a uint8 [B, 1|3, H, W] batch, got {batch.dtype} {tuple(batch.shape)}"
             )
         x = batch.float().div_(255.0)
-        if seed is None:
+        with _seeded(x.device, seed):
             return self._views(x)
-        # kornia samples from torch's global RNG: fork it so a seeded call has no side effects.
-        devices = [x.device] if x.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            return self._views(x)
+
+    def single(self, batch: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """One augmented view (the first view's recipe) of a uint8 batch, for tasks that need
+        one: as :meth:`forward`, returns float32 ``[B, channels, image_size, image_size]``."""
+        x = batch.float().div_(255.0)
+        pipes = self.colour if x.shape[1] == 3 else self.grey
+        with _seeded(x.device, seed):
+            return self._finish(pipes[0](x))
 
     @torch.no_grad()
     def plain(self, batch: torch.Tensor) -> torch.Tensor:
@@ -163,6 +168,43 @@ class TwoViews(nn.Module):
                 x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
             )
         return self._finish(x)
+
+
+@contextmanager
+def _seeded(device: torch.device, seed: int | None) -> Iterator[None]:
+    """kornia samples from torch's global RNG: with a seed, fork it so the call has no side
+    effects and depends only on the batch and the seed."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def views_for(cfg: Config, manifest: Manifest) -> TwoViews:
+    """The run's two-view augmentation, normalised with the manifest's train mean / std."""
+    mean, std = manifest.mean, manifest.std
+    if len(mean) != cfg.data.channels:
+        # Grey data fed as 3 channels (or the reverse): one shared statistic serves every channel.
+        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
+    return TwoViews(cfg.views, cfg.data.image_size, cfg.data.channels, mean, std)
+
+
+class TwoViewInputs:
+    """The inputs of a two-view method: ``(x1, x2)`` of a decoded batch, on `device`.
+
+    Args:
+        views: The augmentation (moved to `device` here).
+        device: Where the views are made and the model runs.
+    """
+
+    def __init__(self, views: TwoViews, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.views = views.to(self.device)
+
+    def __call__(self, batch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.views(batch.images.to(self.device, non_blocking=True), seed=seed)
 
 
 def per_sample_torchvision_views(

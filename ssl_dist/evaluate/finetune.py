@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ssl_dist.config import Config, ConfigError, DataConfig, OptimConfig
 from ssl_dist.data.shards import MANIFEST
 from ssl_dist.evaluate.source import EncoderSource
+from ssl_dist.methods.classify import Classifier
 
 MODES = ("linear", "full")
 EXPERIMENT = "ssl-dist-finetune"
@@ -98,26 +99,6 @@ def build_source_encoder(cfg: Config, tensors: dict[str, Tensor]) -> nn.Module:
             f"the weights do not fit the {cfg.model.encoder} encoder of config.yaml: {first}"
         ) from None
     return encoder
-
-
-class Classifier(nn.Module):
-    """Encoder plus a new head (feature BN, linear): ``[B, C, H, W] -> logits [B, classes]``."""
-
-    def __init__(self, encoder: nn.Module, num_classes: int) -> None:
-        super().__init__()
-        self.encoder = encoder
-        features = int(getattr(encoder, "num_features", 0))
-        if features <= 0:
-            raise ValueError("the encoder has no num_features")
-        linear = nn.Linear(features, num_classes)
-        nn.init.normal_(linear.weight, std=0.01)  # as MoCo v3 / MAE heads
-        nn.init.zeros_(linear.bias)
-        # A parameter-free BN standardises the features first (MAE's linear-probe head): the
-        # head then learns at one rate whatever the scale of the pretrained features.
-        self.head = nn.Sequential(nn.BatchNorm1d(features, affine=False), linear)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.encoder(x))
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, k: int) -> float:
@@ -291,9 +272,10 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
 
     from ssl_dist.config import to_yaml
     from ssl_dist.data.stream import open_shards, stream
-    from ssl_dist.dist import collectives, zero
+    from ssl_dist.dist import zero
     from ssl_dist.train import checkpoint as ckpt
-    from ssl_dist.train.parts import build_views, plan_steps
+    from ssl_dist.train.parts import plan_steps
+    from ssl_dist.train.runtime import DeepSpeedBackend, Position, run_steps
 
     cfg = Config.model_validate(config["config"])
     ctx = ray.train.get_context()
@@ -304,7 +286,6 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
 
     shards = open_shards(cfg.data)
     plan = plan_steps(cfg, shards, world_size)
-    views = build_views(cfg, shards.manifest).to(device)
     num_classes = len(shards.manifest.classes)
     tensors = load_safetensors(ray.get(config["weights"]))  # bytes -> tensors, no pickle
 
@@ -313,29 +294,21 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
         return Classifier(build_source_encoder(cfg, tensors), num_classes)
 
     model = classifier().to(device)
+    inputs = model.make_inputs(cfg, shards.manifest, device)
     engine = zero.build_engine(
         model, cfg.zero, cfg.optim, cfg.data.batch_size, world_size, plan.peak_lr
     )
-    step, start = 0, time.perf_counter()
-    for epoch in range(cfg.run.epochs):
-        # Summed on the device: no CPU-GPU sync per step.
-        loss_sum, batches = torch.zeros((), device=device), 0
-        for batch in stream(cfg.data, rank, world_size, epoch, cfg.run.seed, shards=shards):
-            zero.set_lr(engine, plan.lr(step, cfg))
-            x = views.plain(batch.images.to(device, non_blocking=True))
-            logits = engine(x)
-            loss = F.cross_entropy(logits.float(), batch.labels.to(device))
-            engine.backward(loss)
-            engine.step()
-            step += 1
-            loss_sum += loss.detach().float()
-            batches += 1
-            if step >= plan.total_steps:
-                break
-        mean = collectives.all_reduce_mean(loss_sum / max(batches, 1)).item()
-        if rank == 0:
-            print(f"finetune epoch {epoch + 1}/{cfg.run.epochs}: step {step}, "
-                  f"train loss {mean:.4f}", file=sys.stderr)  # fmt: skip
+    epochs = _EpochLoss(cfg.run.epochs, rank, device)
+    start = time.perf_counter()
+    state = run_steps(
+        DeepSpeedBackend(engine),
+        inputs,
+        lambda epoch: stream(cfg.data, rank, world_size, epoch, cfg.run.seed, shards=shards),
+        plan.schedule(cfg),
+        Position(),
+        [epochs],
+    )
+    step, mean = state.step, epochs.last
     seconds = time.perf_counter() - start
     full = zero.consolidated_state_dict(engine)  # a collective under ZeRO-3: every rank
     metrics: dict[str, Any] = {
@@ -349,7 +322,7 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
             assert full is not None
             final = classifier()
             final.load_state_dict(full, strict=True)
-            metrics.update(evaluate(final.to(device), cfg.data, views, num_classes, device))
+            metrics.update(evaluate(final.to(device), cfg.data, inputs.views, num_classes, device))
             d = Path(tmp)
             meta = {"encoder": cfg.model.encoder, "in_chans": str(cfg.data.channels),
                     "image_size": str(cfg.data.image_size), "finetuned": "full"}  # fmt: skip
@@ -359,6 +332,40 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
             ckpt.write_atomic(d / RESULTS, json.dumps(metrics, indent=2))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report(metrics, checkpoint=checkpoint)
+
+
+class _EpochLoss:
+    """The mean train loss of each epoch over all ranks, printed by rank 0 (a runtime hook).
+    Summed on the device: no CPU-GPU sync per step; one all-reduce per epoch."""
+
+    def __init__(self, epochs: int, rank: int, device: torch.device) -> None:
+        self.epochs, self.rank = epochs, rank
+        self.sum, self.batches = torch.zeros((), device=device), 0
+        self.last = float("nan")
+
+    def should_stop(self, state) -> None:
+        return None
+
+    def after_step(self, state, out) -> None:
+        self.sum += out.loss.float()
+        self.batches += 1
+
+    def after_epoch(self, state) -> None:
+        self._close(state.epoch, state.step)
+
+    def after_run(self, state) -> None:
+        if self.batches:  # the run ended inside an epoch (its step budget)
+            self._close(state.epoch + 1, state.step)
+
+    def _close(self, epoch: int, step: int) -> None:
+        from ssl_dist.dist import collectives
+
+        self.last = collectives.all_reduce_mean(self.sum / max(self.batches, 1)).item()
+        self.sum.zero_()
+        self.batches = 0
+        if self.rank == 0:
+            print(f"finetune epoch {epoch}/{self.epochs}: step {step}, train loss "
+                  f"{self.last:.4f}", file=sys.stderr)  # fmt: skip
 
 
 @torch.no_grad()
@@ -374,7 +381,7 @@ def evaluate(
     logits, labels = [], []
     try:
         for batch in stream(data, 0, 1, 0, split=data.val_split, partial=True):
-            logits.append(model(views.plain(batch.images.to(device))).float().cpu())
+            logits.append(model.logits(views.plain(batch.images.to(device))).float().cpu())
             labels.append(batch.labels)
     finally:
         model.train(was_training)

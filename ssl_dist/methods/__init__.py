@@ -1,8 +1,10 @@
-"""Self-supervised methods: SimCLR, MoCo v2 and MoCo v3 behind one interface.
+"""Self-supervised methods behind one task seam: SimCLR, MoCo v2, MoCo v3 (two views) and
+rotation prediction (four rotations of one view).
 
 ``build_method(cfg.method, cfg.model, in_chans, image_size)`` returns an :class:`SSLMethod`
-whose ``forward(x1, x2)`` gives ``(loss, metrics)``; see :mod:`ssl_dist.methods.base` for the
-training-loop contract.
+that builds its own inputs (``make_inputs``) and whose ``forward(*inputs)`` gives
+``(loss, metrics)``; see :mod:`ssl_dist.methods.base` for the contract. A new method is a file
+here, its line in :data:`METHODS` and its name in ``MethodConfig.name``.
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ from __future__ import annotations
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.methods.base import SSLMethod, alignment, pair_metrics, uniformity
 from ssl_dist.methods.moco import MoCoV2, MoCoV3
+from ssl_dist.methods.rotation import Rotation
 from ssl_dist.methods.simclr import SimCLR
 from ssl_dist.models import maybe_sync_bn
 
-METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3)}
+METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3, Rotation)}
 """Method classes keyed by ``MethodConfig.name``."""
 
 
@@ -48,6 +51,7 @@ __all__ = [
     "METHODS",
     "MoCoV2",
     "MoCoV3",
+    "Rotation",
     "SSLMethod",
     "SimCLR",
     "alignment",

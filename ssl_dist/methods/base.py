@@ -1,27 +1,41 @@
-"""The interface every self-supervised method implements, and shared metrics.
+"""The task seam every method implements, and shared metrics.
 
 A method is one ``nn.Module`` that owns every network it needs (online encoder and heads, and for
-MoCo a frozen momentum copy). ``forward(x1, x2)`` takes the two augmented views of one local batch
-and returns the loss of THIS rank plus a few detached metrics. Losses are means over local
-anchors / queries (see :mod:`ssl_dist.losses`): the trainer averages gradients over ranks (DDP /
-DeepSpeed) and never rescales by the world size.
+MoCo a frozen momentum copy) and its inputs:
 
-Training loop contract::
+* ``make_inputs(cfg, manifest, device)`` returns the builder that turns a decoded batch into the
+  method's forward arguments on the device (two augmented views for SimCLR / MoCo; rotated
+  images and their labels for rotation prediction; ...);
+* ``forward(*inputs)`` returns the loss of THIS rank plus a few detached metrics. Losses are
+  means over local anchors / queries / samples (see :mod:`ssl_dist.losses`): the trainer
+  averages gradients over ranks (DDP / DeepSpeed) and never rescales by the world size;
+* ``momentum_pairs()`` names the ``(target, online)`` networks moved by EMA after each step;
+* ``world_size_problem(...)`` says whether a world size is allowed (before anything is built)
+  and ``resize(...)`` carries the method's own state over to a new world size (elastic runs).
 
-    loss, metrics = method(x1, x2)        # or engine(x1, x2) under DeepSpeed
-    loss.backward(); optimizer.step()     # optimizer built from method.trainable_parameters()
+Training-loop contract (:func:`ssl_dist.train.runtime.run_steps` is the one loop)::
+
+    inputs = method.make_inputs(cfg, manifest, device)
+    loss, metrics = method(*inputs(batch, seed))   # or engine(*...) under DeepSpeed
+    loss.backward(); optimizer.step()               # optimizer over trainable_parameters()
     m = method.momentum_update(step, total_steps)   # after each optimizer step
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_dist.config import Config, MethodConfig
+from ssl_dist.data.shards import Manifest
+from ssl_dist.data.views import TwoViewInputs, views_for
 from ssl_dist.models import ema_update
+
+if TYPE_CHECKING:
+    from ssl_dist.train.runtime import Inputs
 
 UNIFORMITY_T = 2.0
 """Temperature t of the uniformity metric (Wang & Isola 2020 use t = 2)."""
@@ -39,14 +53,32 @@ class SSLMethod(nn.Module):
     name: ClassVar[str] = ""
     encoder: nn.Module
 
-    def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Args: x1, x2: the two views ``[N, C, H, W]`` of the same N local images.
+    def make_inputs(self, cfg: Config, manifest: Manifest, device: torch.device | str) -> Inputs:
+        """The builder of this method's forward arguments from a decoded batch, on `device`.
+        Default: two augmented views ``(x1, x2)`` (:class:`~ssl_dist.data.views.TwoViews`)."""
+        return TwoViewInputs(views_for(cfg, manifest), device)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Args: what :meth:`make_inputs` builds (two-view methods: the views ``x1, x2``
+        ``[N, C, H, W]`` of the same N local images).
 
         Returns:
             ``(loss, metrics)``: scalar loss (mean over local anchors, with gradient) and named
             detached scalar tensors.
         """
         raise NotImplementedError
+
+    @classmethod
+    def world_size_problem(
+        cls, method: MethodConfig, per_rank_batch: int, world_size: int
+    ) -> str | None:
+        """Why this method cannot train `per_rank_batch` images per rank on `world_size` ranks
+        (checked for every size of an elastic range before anything starts), or None."""
+        return None
+
+    def resize(self, per_rank_batch: int, world_size: int) -> None:
+        """Carry the method's own state over to a new world size (after a checkpoint written
+        at another size is loaded). Nothing to do for stateless methods."""
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Parameters the optimizer updates: everything with ``requires_grad`` (momentum copies

@@ -178,16 +178,33 @@ class MoCoV2(_MoCo):
         metrics["queue_fill"] = self.queue_filled.float() / self.queue.shape[0]
         return loss, metrics
 
+    @classmethod
+    def world_size_problem(
+        cls, method: MethodConfig, per_rank_batch: int, world_size: int
+    ) -> str | None:
+        """The queue takes one global batch of keys per step (one rank's batch without
+        ``gather``), at a pointer that must stay a multiple of it: ``queue_size`` must be a
+        multiple of the keys enqueued per step."""
+        world = world_size if method.gather else 1
+        per_step = per_rank_batch * world
+        if method.queue_size % per_step == 0:
+            return None
+        return (
+            f"method.queue_size={method.queue_size} must be a multiple of the keys enqueued per "
+            f"step, the global batch {per_step} (= {per_rank_batch} per rank x {world} ranks); "
+            f"e.g. method.queue_size={per_step * max(1, round(method.queue_size / per_step))}"
+        )
+
+    def resize(self, per_rank_batch: int, world_size: int) -> None:
+        """The queue pointer realigned to the new number of keys per step."""
+        self.realign_queue(per_rank_batch * (world_size if self.cfg.gather else 1))
+
     def _check_queue_size(self, per_rank: int) -> None:
-        size = self.queue.shape[0]
-        world = collectives.world_size() if self.cfg.gather else 1
-        per_step = per_rank * world
-        if size % per_step:
-            raise ValueError(
-                f"method.queue_size={size} must be a multiple of the keys enqueued per step, "
-                f"the global batch {per_step} (= {per_rank} per rank x {world} ranks); "
-                f"e.g. method.queue_size={per_step * max(1, round(size / per_step))}"
-            )
+        world = collectives.world_size()
+        cfg = self.cfg.model_copy(update={"queue_size": self.queue.shape[0]})
+        problem = self.world_size_problem(cfg, per_rank, world)
+        if problem:
+            raise ValueError(problem)
 
     @torch.no_grad()
     def _keys_of_views(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, Tensor, Tensor]:

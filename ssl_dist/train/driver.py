@@ -33,6 +33,7 @@ from typing import Any
 from ssl_dist.config import Config, ConfigError
 from ssl_dist.credentials import looks_secret
 from ssl_dist.data.stream import open_shards
+from ssl_dist.methods import METHODS
 
 
 def _storage_path(cfg: Config) -> str:
@@ -81,16 +82,17 @@ def check_elastic(cfg: Config) -> None:
     n = cfg.scaling.num_workers
     if isinstance(n, int):
         return
-    if cfg.method.name == "moco_v2" and cfg.method.gather:
-        bad = [
-            w for w in range(n[0], n[1] + 1) if cfg.method.queue_size % (cfg.data.batch_size * w)
-        ]
-        if bad:
-            raise ConfigError(
-                f"method.queue_size={cfg.method.queue_size} must be a multiple of the global batch "
-                f"(data.batch_size={cfg.data.batch_size} x workers) at every size of "
-                f"scaling.num_workers={list(n)}; it is not at {bad}"
-            )
+    method = METHODS[cfg.method.name]
+    problems = {
+        w: method.world_size_problem(cfg.method, cfg.data.batch_size, w)
+        for w in range(n[0], n[1] + 1)
+    }
+    bad = [w for w, problem in problems.items() if problem]
+    if bad:
+        raise ConfigError(
+            f"scaling.num_workers={list(n)}: {cfg.method.name} cannot train at "
+            f"every size, not at {bad} (at {bad[0]}: {problems[bad[0]]})"
+        )
     if cfg.run.max_failures == 0:
         import warnings
 
@@ -107,12 +109,18 @@ def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
     check_elastic(cfg)
     limit = cfg.run.time_limit_s
     deadline = time.time() + limit if limit else None  # epoch seconds: every node compares
-    return make_trainer(cfg, train_loop_per_worker,
-                        {"mlflow_run_id": mlflow_run_id, "deadline": deadline})  # fmt: skip
+    return make_trainer(
+        cfg, train_loop_per_worker, {"mlflow_run_id": mlflow_run_id, "deadline": deadline}
+    )
 
 
-def make_trainer(cfg: Config, loop: Callable[[dict], None], extra: dict[str, Any],
-                 num_to_keep: int | None = None, max_failures: int | None = None):  # fmt: skip
+def make_trainer(
+    cfg: Config,
+    loop: Callable[[dict], None],
+    extra: dict[str, Any],
+    num_to_keep: int | None = None,
+    max_failures: int | None = None,
+):
     """A TorchTrainer running `loop` on `cfg`'s workers; the loop gets ``{"config": cfg as JSON,
     **extra}``. Refuses 16-bit precision without GPUs (exit 2)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

@@ -1,7 +1,8 @@
 """Single-process training with a plain torch optimizer: no Ray, no DeepSpeed.
 
 The reference the distributed trainer is measured against (`ssl-dist bench train`), and the
-quickest way to check that a method learns on a small data set.
+quickest way to check that a method learns on a small data set. The same step loop as every
+other run (:func:`ssl_dist.train.runtime.run_steps`) on a :class:`TorchBackend`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from ssl_dist.config import Config
 from ssl_dist.data.stream import open_shards, stream
 from ssl_dist.evaluate.knn import knn_accuracy
 from ssl_dist.optim import build_optimizer, param_groups
-from ssl_dist.train.parts import build_model, build_views, plan_steps, view_seed
+from ssl_dist.train.parts import build_model, plan_steps, view_seed
+from ssl_dist.train.runtime import Position, Recorder, TorchBackend, run_steps
 
 
 @dataclass
@@ -37,38 +39,30 @@ def run_local(
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     shards = open_shards(cfg.data)
     plan = plan_steps(cfg, shards, world_size=1)
-    views = build_views(cfg, shards.manifest)
     method = build_model(cfg)
-    groups = param_groups(method, cfg.optim.weight_decay)
-    optimizer = build_optimizer(groups, cfg.optim, plan.peak_lr)
+    inputs = method.make_inputs(cfg, shards.manifest, "cpu")
+    optimizer = build_optimizer(
+        param_groups(method, cfg.optim.weight_decay), cfg.optim, plan.peak_lr
+    )
     num_classes = len(shards.manifest.classes)
     result = LocalResult()
-    if knn:
+    views = getattr(inputs, "views", None)
+    if knn and views is not None:
         result.knn_init = knn_accuracy(method.encoder, cfg.data, views, num_classes)
-    step, images, start = 0, 0, time.perf_counter()
-    for epoch in range(cfg.run.epochs):
-        for i, batch in enumerate(stream(cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards)):
-            x1, x2 = views(batch.images, seed=view_seed(cfg.run.seed, epoch, i, 0))
-            loss, metrics = method(x1, x2)
-            (loss / cfg.optim.grad_accum).backward()
-            if (i + 1) % cfg.optim.grad_accum:
-                continue
-            for g in optimizer.param_groups:
-                g["lr"] = plan.lr(step, cfg)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            method.momentum_update(step, plan.total_steps)
-            images += batch.images.shape[0] * cfg.optim.grad_accum
-            result.losses.append(loss.item())  # a CPU-GPU sync point on GPU; fine here
-            if on_step is not None:
-                on_step(step, result.losses[-1], metrics)
-            if step >= plan.total_steps:
-                break
-        if step >= plan.total_steps:
-            break
-    result.images_per_s = images / (time.perf_counter() - start)
-    result.steps = step
-    if knn:
+    recorder = Recorder(on_step)
+    start = time.perf_counter()
+    state = run_steps(
+        TorchBackend(method, optimizer, cfg.optim.grad_accum),
+        inputs,
+        lambda epoch: stream(cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards),
+        plan.schedule(cfg),
+        Position(),
+        [recorder],
+        seed=lambda epoch, i: view_seed(cfg.run.seed, epoch, i, 0),
+        grad_accum=cfg.optim.grad_accum,
+    )
+    result.images_per_s = recorder.images / (time.perf_counter() - start)
+    result.losses, result.steps = recorder.losses, state.step
+    if knn and views is not None:
         result.knn_final = knn_accuracy(method.encoder, cfg.data, views, num_classes)
     return result

@@ -13,18 +13,15 @@ import torch
 from ssl_dist.config import Config, ConfigError
 from ssl_dist.data.shards import Manifest
 from ssl_dist.data.stream import ShardSet, plan_exact
-from ssl_dist.data.views import TwoViews
+from ssl_dist.data.views import TwoViews, views_for
 from ssl_dist.methods import SSLMethod, build_method
-from ssl_dist.optim import lr_at, scaled_lr
+from ssl_dist.optim import scaled_lr
+from ssl_dist.train.runtime import Schedule
 
 
 def build_views(cfg: Config, manifest: Manifest) -> TwoViews:
     """Two-view augmentation normalised with the manifest's train mean/std."""
-    mean, std = manifest.mean, manifest.std
-    if len(mean) != cfg.data.channels:
-        # Grey data fed as 3 channels (or the reverse): one shared statistic serves every channel.
-        mean, std = [sum(mean) / len(mean)], [sum(std) / len(std)]
-    return TwoViews(cfg.views, cfg.data.image_size, cfg.data.channels, mean, std)
+    return views_for(cfg, manifest)
 
 
 def build_model(cfg: Config) -> SSLMethod:
@@ -63,9 +60,14 @@ class StepPlan:
     global_batch: int
     peak_lr: float
 
+    def schedule(self, cfg: Config) -> Schedule:
+        """The run's learning-rate schedule over its total steps."""
+        return Schedule(
+            self.total_steps, self.peak_lr, cfg.optim.warmup_steps, cfg.optim.min_lr_ratio
+        )
+
     def lr(self, step: int, cfg: Config) -> float:
-        return lr_at(step, self.total_steps, self.peak_lr, cfg.optim.warmup_steps,
-                     cfg.optim.min_lr_ratio)  # fmt: skip
+        return self.schedule(cfg).lr(step)
 
 
 def plan_steps(cfg: Config, shards: ShardSet, world_size: int) -> StepPlan:

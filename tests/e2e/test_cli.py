@@ -19,7 +19,7 @@ def ssl_dist(*args, cwd=None):
     ("args", "needle"),
     [
         (["-o", "optim.lrr=1"], "optim.lrr: unknown key"),
-        (["-o", "method.name=byol"], "method.name: must be one of"),
+        (["-o", "method.name=no_such_method"], "method.name: must be one of"),
         (["-o", "data.batch_size=-3"], "data.batch_size"),
         (["--config", "/nonexistent.yaml"], "does not exist"),
     ],

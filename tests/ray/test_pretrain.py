@@ -9,6 +9,7 @@ import torch
 from ssl_dist.models import build_encoder
 from ssl_dist.train.checkpoint import ENCODER, STATE, load_encoder
 from ssl_dist.train.driver import run_pretrain
+from ssl_dist.train.parts import build_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -21,10 +22,13 @@ def _final(path) -> Path:
 
 # Every method and every stage, not the full product: each fit costs about 25 s here, and the
 # method x stage math is covered without Ray in tests/dist (plus moco_v2 / ZeRO-2 below).
+# Rotation prediction is not a two-view method: it builds its own inputs (four rotations of
+# one view) and trains through the same runtime and worker loop.
 @pytest.mark.parametrize(
     ("method", "stage"),
-    [("simclr", 0), ("simclr", 3), ("moco_v3", 1), ("moco_v3", 3), ("moco_v2", 0), ("moco_v2", 3)],
-)
+    [("simclr", 0), ("simclr", 3), ("moco_v3", 1), ("moco_v3", 3), ("moco_v2", 0), ("moco_v2", 3),
+     ("rotation", 2)],
+)  # fmt: skip
 def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
     cfg = tiny_cfg(f"method.name={method}", f"zero.stage={stage}", "run.max_steps=2",
                    f"run.name={method}-z{stage}")  # fmt: skip
@@ -35,6 +39,9 @@ def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
     encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
     encoder.load_state_dict(weights, strict=True)
     assert all(torch.isfinite(v).all() for v in weights.values())
+    init = build_model(cfg).encoder.state_dict()  # the run's init: same seed, same weights
+    moved = [k for k in weights if not torch.equal(weights[k], init[k].float())]
+    assert any("conv" in k for k in moved), f"{method}: the encoder's weights did not move"
 
 
 # MoCo v2 under ZeRO-2: queue, momentum encoder, partitioned optimizer and RNG all round-trip.

@@ -247,7 +247,7 @@ def test_epoch_counts_logged_to_mlflow_by_rank_zero(make_shards, tmp_path, capsy
 
     from ssl_dist import tracking
     from ssl_dist.train import checkpoint as ckpt
-    from ssl_dist.train.loop import _report_data, _Tracker
+    from ssl_dist.train.hooks import DataReport, Tracker
 
     out, _ = make_shards(40, 10)
     _truncate(out / "train-000001.tar")
@@ -258,10 +258,12 @@ def test_epoch_counts_logged_to_mlflow_by_rank_zero(make_shards, tmp_path, capsy
     run_id = tracking.find_or_create_run(cfg, uri)
     shards = stream_mod.open_shards(cfg.data)
     state = ckpt.TrainState(world_size=1)
-    tracker = _Tracker(cfg, state, run_id, shards, None, torch.device("cpu"), 0)
-    data = stream(cfg.data, 0, 1, 0, shards=shards)
+    tracker = Tracker(cfg, state, run_id, shards, None, torch.device("cpu"), 0, local_rank=1)
+    report = DataReport(shards, tracker, torch.device("cpu"))
+    report.current = data = stream(cfg.data, 0, 1, 0, shards=shards)
     list(data)
-    _report_data(data, shards, tracker, 5, torch.device("cpu"))
+    state.step = 5
+    report.after_epoch(state)
     assert tracker.logger is not None and tracker.logger.close(timeout_s=30)
     run = tracking.client(uri).get_run(run_id)
     lost = data.stats.lost

@@ -7,20 +7,24 @@ from __future__ import annotations
 import warnings
 
 import pytest
-from torch import nn
 
 from ssl_dist.config import Config, ConfigError
 from ssl_dist.data.stream import ShardSet
 from ssl_dist.methods import build_method
 from ssl_dist.train import checkpoint as ckpt
 from ssl_dist.train.driver import _scaling, check_elastic
-from ssl_dist.train.loop import _elastic_plan, _resize
+from ssl_dist.train.elastic import elastic_plan, resize
 from ssl_dist.train.parts import plan_steps
 from tests.unit.test_methods import MODEL
 
 pytestmark = pytest.mark.unit
 
 SHARDS = ShardSet(manifest=None, urls=[], counts=[100] * 12)  # type: ignore[arg-type]
+
+
+def _simclr():
+    """A stateless method: a resize moves only the stream position."""
+    return build_method(_cfg().method, MODEL, in_chans=1, image_size=8)
 
 
 def _cfg(**sections) -> Config:
@@ -33,7 +37,7 @@ def _cfg(**sections) -> Config:
 
 def test_same_size_is_the_plain_plan() -> None:
     cfg = _cfg()
-    plan, accum = _elastic_plan(cfg, SHARDS, 2, first_size=2)
+    plan, accum = elastic_plan(cfg, SHARDS, 2, first_size=2)
     assert plan == plan_steps(cfg, SHARDS, 2) and accum == 1
 
 
@@ -41,7 +45,7 @@ def test_same_size_is_the_plain_plan() -> None:
 def test_keep_per_worker_batch_rescales_lr_and_keeps_the_step_count(size: int) -> None:
     cfg = _cfg(run={"epochs": 3, "max_steps": 50})
     first = plan_steps(cfg, SHARDS, 2)
-    plan, accum = _elastic_plan(cfg, SHARDS, size, first_size=2)
+    plan, accum = elastic_plan(cfg, SHARDS, size, first_size=2)
     assert accum == 1 and plan.global_batch == 10 * size
     assert plan.peak_lr == pytest.approx(0.1 * size)  # linear scaling, base_batch 10
     assert plan.total_steps == first.total_steps == 50
@@ -49,7 +53,7 @@ def test_keep_per_worker_batch_rescales_lr_and_keeps_the_step_count(size: int) -
 
 def test_epoch_plan_keeps_the_first_sizes_step_count() -> None:
     cfg = _cfg()  # 3 epochs: 3 x (600 / 10) steps at 2 workers
-    plan, _ = _elastic_plan(cfg, SHARDS, 4, first_size=2)
+    plan, _ = elastic_plan(cfg, SHARDS, 4, first_size=2)
     assert plan.total_steps == 3 * 60
     assert plan.batches_per_epoch == 30  # the new split: 3 shards of 100 per rank
 
@@ -57,7 +61,7 @@ def test_epoch_plan_keeps_the_first_sizes_step_count() -> None:
 @pytest.mark.parametrize(("size", "accum"), [(1, 4), (2, 2), (4, 1)])
 def test_keep_global_batch_accumulates(size: int, accum: int) -> None:
     cfg = _cfg(scaling={"elastic_policy": "keep_global_batch"}, optim={"grad_accum": 2})
-    plan, got = _elastic_plan(cfg, SHARDS, size, first_size=2)
+    plan, got = elastic_plan(cfg, SHARDS, size, first_size=2)
     assert got == accum and plan.global_batch == 40
     assert plan.peak_lr == pytest.approx(plan_steps(cfg, SHARDS, 2).peak_lr)
 
@@ -65,7 +69,7 @@ def test_keep_global_batch_accumulates(size: int, accum: int) -> None:
 def test_keep_global_batch_refuses_what_does_not_divide() -> None:
     cfg = _cfg(scaling={"elastic_policy": "keep_global_batch"})
     with pytest.raises(ValueError, match="not a multiple of 30"):
-        _elastic_plan(cfg, SHARDS, 3, first_size=2)
+        elastic_plan(cfg, SHARDS, 3, first_size=2)
 
 
 @pytest.mark.parametrize(("old", "new", "before", "after", "epoch"),
@@ -73,17 +77,17 @@ def test_keep_global_batch_refuses_what_does_not_divide() -> None:
                           (1, 4, 99, 24, 0), (2, 5, 59, 0, 1)])  # fmt: skip
 def test_resize_maps_the_stream_position(old, new, before, after, epoch) -> None:
     cfg = _cfg()
-    plan, micro = _elastic_plan(cfg, SHARDS, new, first_size=old)
+    plan, micro = elastic_plan(cfg, SHARDS, new, first_size=old)
     state = ckpt.TrainState(step=7, batch_in_epoch=before, world_size=old)
-    _resize(state, new, plan, micro, nn.Linear(1, 1), cfg, rank=1)
+    resize(state, new, plan, micro, _simclr(), cfg, rank=1)
     assert (state.epoch, state.batch_in_epoch) == (epoch, after)
 
 
 def test_resize_rounds_the_position_down_to_whole_steps() -> None:
     cfg = _cfg(optim={"grad_accum": 2})
-    plan, micro = _elastic_plan(cfg, SHARDS, 3, first_size=2)
+    plan, micro = elastic_plan(cfg, SHARDS, 3, first_size=2)
     state = ckpt.TrainState(batch_in_epoch=8, world_size=2)  # 4 steps x 2 micro-batches
-    _resize(state, 3, plan, micro, nn.Linear(1, 1), cfg, rank=1)
+    resize(state, 3, plan, micro, _simclr(), cfg, rank=1)
     assert micro == 2 and state.batch_in_epoch == 4  # 16 // 3 = 5 micro-batches: 2 steps
 
 
@@ -91,10 +95,10 @@ def test_resize_rounds_the_position_down_to_whole_steps() -> None:
                                                    (90, 3, 0), (0, 3, 0), (40, 1, 40)])  # fmt: skip
 def test_resize_aligns_the_moco_queue_pointer(ptr: int, new: int, moved: int) -> None:
     cfg = _cfg(data={"batch_size": 8}, method={"name": "moco_v2", "queue_size": 96})
-    plan, micro = _elastic_plan(cfg, SHARDS, new, first_size=2)
+    plan, micro = elastic_plan(cfg, SHARDS, new, first_size=2)
     method = build_method(cfg.method, MODEL, in_chans=1, image_size=8)
     method.queue_ptr.fill_(ptr)
-    _resize(ckpt.TrainState(world_size=2), new, plan, micro, method, cfg, rank=1)
+    resize(ckpt.TrainState(world_size=2), new, plan, micro, method, cfg, rank=1)
     assert int(method.queue_ptr) == moved
     assert moved % (8 * new) == 0
 

@@ -15,6 +15,7 @@ from ssl_dist.methods import (
     METHODS,
     MoCoV2,
     MoCoV3,
+    Rotation,
     SimCLR,
     SSLMethod,
     alignment,
@@ -48,10 +49,10 @@ def _momentum_params(method: SSLMethod) -> list[torch.nn.Parameter]:
     return [p for target, _ in method.momentum_pairs() for p in target.parameters()]
 
 
-def test_registry_has_the_three_methods() -> None:
-    assert set(METHODS) == {"simclr", "moco_v2", "moco_v3"}
+def test_registry_has_every_method() -> None:
+    assert set(METHODS) == {"simclr", "moco_v2", "moco_v3", "rotation"}
     assert METHODS["simclr"] is SimCLR and METHODS["moco_v2"] is MoCoV2
-    assert METHODS["moco_v3"] is MoCoV3
+    assert METHODS["moco_v3"] is MoCoV3 and METHODS["rotation"] is Rotation
     for name in NAMES:
         method = _method(name)
         assert type(method) is METHODS[name] and method.name == name

@@ -1,0 +1,85 @@
+"""Rotation prediction: Gidaris, Singh, Komodakis, "Unsupervised Representation Learning by
+Predicting Image Rotations", ICLR 2018 (RotNet; reference code gidariss/FeatureLearningRotNet).
+
+Every image of the batch is shown at 0, 90, 180 and 270 degrees in the same batch (the paper's
+best setting: "all four rotations ... simultaneously", sec. 3.2), and a head on the pooled
+features predicts which rotation it sees; the loss is the mean cross-entropy over the 4N
+rotated images. Each image is first augmented once (the first view's recipe: random resized
+crop, flip, colour; RotNet used crops and flips), then rotated: rotating a square image keeps
+its shape, so the four copies batch together.
+
+The head is a small MLP (hidden width ``model.proj_hidden``, BN, ReLU) rather than the paper's
+linear classifier on a deeper conv block, so that the encoder stays the same backbone the other
+methods train and evaluate.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ssl_dist.config import Config, MethodConfig, ModelConfig
+from ssl_dist.data.shards import Manifest
+from ssl_dist.data.views import TwoViews, views_for
+from ssl_dist.methods.base import SSLMethod, num_features
+from ssl_dist.models import build_encoder
+
+ROTATIONS = 4
+"""0, 90, 180 and 270 degrees."""
+
+
+class RotationInputs:
+    """``(x, y)``: the four rotations of one augmented view per image ``[4N, C, H, W]`` (rotation
+    k of every image, then k + 1) and the rotation index of each ``[4N]``, on `device`."""
+
+    def __init__(self, views: TwoViews, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.views = views.to(self.device)
+
+    def __call__(self, batch, seed: int) -> tuple[Tensor, Tensor]:
+        x = self.views.single(batch.images.to(self.device, non_blocking=True), seed=seed)
+        rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(ROTATIONS)])
+        y = torch.arange(ROTATIONS, device=self.device).repeat_interleave(x.shape[0])
+        return rotated, y
+
+
+class Rotation(SSLMethod):
+    """Encoder + MLP head predicting the rotation (4 classes), cross-entropy.
+
+    Args:
+        method: Method config (nothing of it is used: the task has no temperature or target).
+        model: Model config (encoder; ``proj_hidden`` sizes the head).
+        in_chans: Input channels.
+        image_size: Input side (the views are square, so rotations keep the shape).
+    """
+
+    name: ClassVar[str] = "rotation"
+
+    def __init__(
+        self, method: MethodConfig, model: ModelConfig, in_chans: int, image_size: int
+    ) -> None:
+        super().__init__()
+        self.cfg = method
+        self.encoder = build_encoder(model, in_chans, image_size)
+        features = num_features(self.encoder)
+        self.head = nn.Sequential(
+            nn.Linear(features, model.proj_hidden, bias=False),
+            nn.BatchNorm1d(model.proj_hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(model.proj_hidden, ROTATIONS),
+        )
+
+    def make_inputs(
+        self, cfg: Config, manifest: Manifest, device: torch.device | str
+    ) -> RotationInputs:
+        return RotationInputs(views_for(cfg, manifest), device)
+
+    def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        """Args: x: rotated images ``[4N, C, H, W]``; y: rotation indices ``[4N]``.
+        Returns: mean cross-entropy and ``rot_acc`` (share of rotations recognised)."""
+        logits = self.head(self.encoder(x)).float()  # [4N, 4]
+        loss = F.cross_entropy(logits, y)
+        return loss, {"rot_acc": (logits.detach().argmax(1) == y).float().mean()}
