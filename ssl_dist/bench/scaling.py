@@ -149,14 +149,14 @@ def _mean_allreduce(params: list[torch.nn.Parameter]) -> None:
     """Average gradients over the group in one flat buffer (as DeepSpeed's ZeRO-0 does)."""
     import torch.distributed as dist
 
-    flat = torch.cat([p.grad.reshape(-1) for p in params])  # type: ignore[union-attr]
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()
     offset = 0
-    for p in params:
-        n = p.grad.numel()  # type: ignore[union-attr]
-        p.grad.copy_(flat[offset : offset + n].view_as(p.grad))  # type: ignore[union-attr]
-        offset += n
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 class _PhaseRows(Hook):
@@ -164,7 +164,8 @@ class _PhaseRows(Hook):
     gathers run inside forward and backward, so they are taken out of those two phases."""
 
     def __init__(self, clock: PhaseClock) -> None:
-        self.clock, self.rows, self.last = clock, [], time.perf_counter()
+        self.clock, self.last = clock, time.perf_counter()
+        self.rows: list[dict[str, float]] = []
 
     def after_step(self, state, out) -> None:
         t = {p: 0.0 for p in PHASES} | self.clock.take()

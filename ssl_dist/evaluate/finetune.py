@@ -43,6 +43,7 @@ from ssl_dist.config import Config, ConfigError, DataConfig, OptimConfig
 from ssl_dist.data.shards import MANIFEST
 from ssl_dist.evaluate.source import EncoderSource
 from ssl_dist.methods.classify import Classifier
+from ssl_dist.train.runtime import Hook
 
 MODES = ("linear", "full")
 EXPERIMENT = "ssl-dist-finetune"
@@ -334,7 +335,7 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
         ray.train.report(metrics, checkpoint=checkpoint)
 
 
-class _EpochLoss:
+class _EpochLoss(Hook):
     """The mean train loss of each epoch over all ranks, printed by rank 0 (a runtime hook).
     Summed on the device: no CPU-GPU sync per step; one all-reduce per epoch."""
 
@@ -342,9 +343,6 @@ class _EpochLoss:
         self.epochs, self.rank = epochs, rank
         self.sum, self.batches = torch.zeros((), device=device), 0
         self.last = float("nan")
-
-    def should_stop(self, state) -> None:
-        return None
 
     def after_step(self, state, out) -> None:
         self.sum += out.loss.float()
@@ -370,7 +368,7 @@ class _EpochLoss:
 
 @torch.no_grad()
 def evaluate(
-    model: nn.Module, data: DataConfig, views: Any, num_classes: int,
+    model: Classifier, data: DataConfig, views: Any, num_classes: int,
     device: torch.device | str = "cpu",
 ) -> dict[str, Any]:  # fmt: skip
     """Top-1 / top-5 of a classifier on the val split (one process reads it all)."""

@@ -44,6 +44,10 @@ UNIFORMITY_T = 2.0
 class SSLMethod(nn.Module):
     """Base class: a self-supervised method that turns two views into a loss.
 
+    ``forward(*inputs)`` takes what :meth:`make_inputs` builds (two-view methods: the views
+    ``x1, x2`` ``[N, C, H, W]`` of the same N local images) and returns ``(loss, metrics)``: the
+    scalar loss (mean over local anchors, with gradient) and named detached scalar tensors.
+
     Attributes:
         name: Registry key (``MethodConfig.name``).
         encoder: The online backbone ``[B, C, H, W] -> [B, F]`` (pooled features); this is the
@@ -57,16 +61,6 @@ class SSLMethod(nn.Module):
         """The builder of this method's forward arguments from a decoded batch, on `device`.
         Default: two augmented views ``(x1, x2)`` (:class:`~ssl_dist.data.views.TwoViews`)."""
         return TwoViewInputs(views_for(cfg, manifest), device)
-
-    def forward(self, *inputs: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        """Args: what :meth:`make_inputs` builds (two-view methods: the views ``x1, x2``
-        ``[N, C, H, W]`` of the same N local images).
-
-        Returns:
-            ``(loss, metrics)``: scalar loss (mean over local anchors, with gradient) and named
-            detached scalar tensors.
-        """
-        raise NotImplementedError
 
     @classmethod
     def world_size_problem(
