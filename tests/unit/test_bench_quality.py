@@ -13,8 +13,6 @@ from ssl_dist.bench import quality, scaling
 from ssl_dist.config import Config
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
-pytestmark = pytest.mark.unit
-
 
 @pytest.fixture(scope="module")
 def fake(tmp_path_factory) -> tuple[Path, Path]:
@@ -29,6 +27,7 @@ def _cfg(manifest: Path, tmp: Path, *extra: str) -> Config:
     return quality.bench_config(quality.RECIPE, manifest, tmp, "simclr", "t", [*TINY, *extra])
 
 
+@pytest.mark.unit
 def test_missing_data_exits_2_with_the_install_hint(tmp_path):
     from ssl_dist.cli import app
 
@@ -43,6 +42,7 @@ def test_missing_data_exits_2_with_the_install_hint(tmp_path):
     assert not (tmp_path / "w").exists()  # nothing prepared, nothing installed
 
 
+@pytest.mark.unit
 def test_prepared_shards_are_cached(fake, tmp_path):
     idx, manifest = fake
     before = manifest.stat().st_mtime_ns
@@ -52,6 +52,7 @@ def test_prepared_shards_are_cached(fake, tmp_path):
     assert doc["splits"]["train"]["samples"] == 60 and doc["splits"]["val"]["samples"] == 20
 
 
+@pytest.mark.unit
 def test_plan_budget_fits_steps_and_checkpoints_to_the_time():
     cal = quality.Calibration(step_s=0.5, startup_s=20.0, wall_s=26.0, steps=12)
     steps, every = quality.plan_budget(120.0, cal)
@@ -60,6 +61,7 @@ def test_plan_budget_fits_steps_and_checkpoints_to_the_time():
     assert quality.plan_budget(1.0, cal) == (quality.CHECKPOINTS, 1)  # never below one per point
 
 
+@pytest.mark.unit
 def test_evaluator_scores_encoders_and_pixels(fake, tmp_path):
     _, manifest = fake
     cfg = _cfg(manifest, tmp_path)
@@ -75,6 +77,7 @@ def test_evaluator_scores_encoders_and_pixels(fake, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.unit
 def test_supervised_reference_stops_on_time(fake, tmp_path):
     _, manifest = fake
     cfg = _cfg(manifest, tmp_path)
@@ -83,6 +86,7 @@ def test_supervised_reference_stops_on_time(fake, tmp_path):
     assert sup.steps >= 1 and sup.seconds < 10 and 0 <= sup.head_top1 <= 1
 
 
+@pytest.mark.dist  # phase_shares spawns a 2-process gloo group
 def test_scaling_pieces(fake, tmp_path):
     _, manifest = fake
     assert scaling.matmul_gflops(1, seconds=0.05, n=128) > 0
