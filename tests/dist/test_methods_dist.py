@@ -25,11 +25,11 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from harness import run_world
 from torch import Tensor, nn
 
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
+from ssl_dist.dist.spawn import run_world
 from ssl_dist.methods import MoCoV2, SSLMethod, build_method
 
 pytestmark = pytest.mark.dist

@@ -19,10 +19,10 @@ from typing import Any
 
 import pytest
 import torch
-from harness import run_world
 from torch import Tensor, nn
 
 from ssl_dist.config import OptimConfig, ZeroConfig
+from ssl_dist.dist.spawn import run_world
 from ssl_dist.models import cosine_momentum, ema_update, make_momentum_copy
 from ssl_dist.optim import build_optimizer, lr_at, param_groups
 

@@ -1,17 +1,21 @@
-"""Spawn a real gloo process group on localhost and collect what each rank returns.
+"""Run a function on every rank of a spawned gloo group on this machine and collect the results.
 
-Usage from a test in this folder::
+The one place that starts local process groups: the distributed tests and the gloo benchmarks
+(``bench loss``, the phase timing of ``bench scaling``) use it. Ray Train starts the training
+workers' groups itself.
 
-    from harness import run_world
+Usage::
 
-    def _worker(rank, world_size, n):  # module level, so spawn can pickle it
+    from ssl_dist.dist.spawn import run_world
+
+    def _worker(rank, world_size, n):  # module level, so that spawn can pickle it
         ...
         return {"loss": loss.detach()}
 
     results = run_world(_worker, 2, 4)  # [rank 0's dict, rank 1's dict]
 
 Results travel as ``torch.save`` bytes and are read back with ``weights_only=True``: tensors,
-numbers, strings, lists, tuples and dicts are fine. Sending tensors through the queue directly
+numbers, strings, lists, tuples and dicts are fine. Tensors sent through the queue directly
 would use shared memory that dies with the child.
 """
 
@@ -31,6 +35,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+FAILURE_GRACE_S = 5.0
+"""After one rank fails, how long its peers get to report their own errors: they may be stuck
+in a collective with the failed rank, so the world is stopped then."""
 
 
 class WorldError(RuntimeError):
@@ -53,12 +61,13 @@ def _child(
     world_size: int,
     port: int,
     timeout: float,
+    threads: int,
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     results: Any,
 ) -> None:
-    # Two cores shared by several ranks: intra-op threads would only oversubscribe them.
-    torch.set_num_threads(1)
+    # Ranks share the machine's cores: more intra-op threads would only oversubscribe them.
+    torch.set_num_threads(threads)
     if sys.platform.startswith("linux"):
         # Keep gloo on loopback even if the host name resolves to an unreachable interface.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -81,10 +90,26 @@ def _child(
         results.put((rank, False, traceback.format_exc()))
 
 
+def _read(rank: int, payload: bytes) -> tuple[bool, Any]:
+    """``(True, value)``, or ``(False, why)`` for a value ``weights_only`` loading refuses."""
+    try:
+        return True, torch.load(io.BytesIO(payload), weights_only=True)
+    except Exception:
+        why = f"rank {rank} returned a value that torch.load(weights_only=True) refuses:\n"
+        return False, why + traceback.format_exc()
+
+
 def run_world(
-    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0
+    fn: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    timeout: float = 120.0,
+    threads: int = 1,
 ) -> list[Any]:
     """Run ``fn(rank, world_size, *args)`` on ``world_size`` spawned gloo ranks.
+
+    Every rank joins a gloo group on 127.0.0.1 at a free port (``GLOO_SOCKET_IFNAME=lo`` on
+    Linux) before ``fn`` runs and leaves it after.
 
     Args:
         fn: Module-level (picklable) function; its return value must be ``torch.save``-able and
@@ -92,20 +117,24 @@ def run_world(
         world_size: Number of processes.
         *args: Picklable extra arguments, the same for every rank.
         timeout: Seconds for the whole world, also the process-group timeout.
+        threads: Torch intra-op threads per rank.
 
     Returns:
         The per-rank return values, index = rank.
 
     Raises:
-        WorldError: if any rank raised (with every reported traceback) or the world timed out.
+        WorldError: if any rank raised (with every reported traceback), was killed, or the
+            world timed out.
     """
+    if world_size < 1 or threads < 1:
+        raise ValueError(f"world_size and threads must be at least 1, got {world_size}, {threads}")
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
     procs = [
         ctx.Process(
             target=_child,
-            args=(rank, world_size, port, timeout, fn, args, results),
+            args=(rank, world_size, port, timeout, threads, fn, args, results),
             # Not daemonic, so a rank may start DataLoader workers; stragglers are killed below.
             daemon=False,
         )
@@ -126,18 +155,18 @@ def run_world(
                 rank, ok, payload = results.get(timeout=min(remaining, 1.0))
             except queue_module.Empty:
                 # A rank killed by a signal reports nothing: stop waiting for it.
-                dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-                for r in dead:
-                    if r not in outputs and r not in failures:
-                        failures[r] = f"rank {r} exited with code {procs[r].exitcode}"
+                for r, proc in enumerate(procs):
+                    if proc.exitcode not in (None, 0) and r not in outputs and r not in failures:
+                        failures[r] = f"rank {r} exited with code {proc.exitcode}"
+                        deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
                 continue
             if ok:
-                outputs[rank] = torch.load(io.BytesIO(payload), weights_only=True)
+                ok, payload = _read(rank, payload)
+            if ok:
+                outputs[rank] = payload
             else:
                 failures[rank] = payload
-                # Peers may be stuck in a collective with the failed rank: give them a few
-                # seconds to report their own error, then stop.
-                deadline = min(deadline, time.monotonic() + 5.0)
+                deadline = min(deadline, time.monotonic() + FAILURE_GRACE_S)
     finally:
         for proc in procs:
             proc.join(timeout=5.0 if not failures else 0.5)
@@ -147,9 +176,14 @@ def run_world(
                 proc.join()
         results.close()
 
-    missing = [r for r in range(world_size) if r not in outputs and r not in failures]
-    for r in missing:
-        failures[r] = f"rank {r} did not finish within {timeout} s"
+    failed = sorted(failures)
+    for r in range(world_size):
+        if r not in outputs and r not in failures:
+            failures[r] = (
+                f"rank {r} was stopped {FAILURE_GRACE_S} s after rank(s) {failed} failed"
+                if failed
+                else f"rank {r} did not finish within {timeout} s"
+            )
     if failures:
         text = "\n".join(f"--- rank {r} ---\n{failures[r]}" for r in sorted(failures))
         raise WorldError(f"{len(failures)} of {world_size} ranks failed:\n{text}", failures)
