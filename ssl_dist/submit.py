@@ -10,7 +10,7 @@ console script on the cluster. The runtime_env ships this project:
 - ``py_modules``: the local `ssl_dist` package as well, when it does not lie inside that folder;
 - ``pip`` (``--pip``): the project's dependencies except Ray; off by default, the cluster image
   is expected to have them;
-- ``env_vars``: the local non-secret MLflow settings in `FORWARDED_ENV` (tracking and registry
+- ``env_vars``: the local non-secret MLflow settings in `credentials.FORWARDED_ENV` (tracking and registry
   URI, experiment, HTTP retries), every ``SSL_DIST_*`` knob (log level, progress bars), and each
   ``--env KEY=VALUE``.
 
@@ -38,11 +38,10 @@ import asyncio
 import contextlib
 import logging
 import os
-import re
 import shlex
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 from urllib.parse import urlsplit
@@ -50,7 +49,7 @@ from urllib.parse import urlsplit
 import typer
 
 from ssl_dist.config import ConfigError
-from ssl_dist.credentials import has_url_password, looks_secret
+from ssl_dist.credentials import check_arguments, job_env, parse_env, withheld_env
 
 if TYPE_CHECKING:
     from ray.job_submission import JobSubmissionClient
@@ -78,24 +77,6 @@ EXCLUDES = [
 ]
 """runtime_env excludes (gitignore syntax; a leading / anchors at the working_dir)."""
 
-FORWARDED_ENV = (
-    "MLFLOW_TRACKING_URI",
-    "MLFLOW_REGISTRY_URI",
-    "MLFLOW_EXPERIMENT_NAME",
-    "MLFLOW_EXPERIMENT_ID",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT",
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
-    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
-    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-)
-"""Local MLflow variables passed to the job: where to log, never how to log in."""
-
-FORWARDED_PREFIXES = ("SSL_DIST_",)
-"""Our own knobs, passed to the job unless `looks_secret`."""
-
-WITHHELD_PREFIXES = ("MLFLOW_", "SSL_DIST_")
-"""Local variables the job does not get are named in a note when they have these prefixes."""
-
 CONNECT_TIMEOUT_S = 10.0
 """Default bound on the first request to the dashboard."""
 
@@ -104,8 +85,6 @@ CONTEXT_SETTINGS: dict[str, Any] = {
     "ignore_unknown_options": True,
 }
 """Everything from the subcommand on is the job's, with or without ``--``."""
-
-_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 _QUIET = {
     # "Uploading package ...", "Ignoring upload to cluster for these files: [.gitignore]"
@@ -130,63 +109,6 @@ def build_entrypoint(command: list[str]) -> str:
         what = "unknown option" if sub.startswith("-") else "cannot submit"
         raise ConfigError(f"{what} {sub!r}: the job must be one of {', '.join(ALLOWED)}")
     return shlex.join(["python", "-m", "ssl_dist.cli", *command])
-
-
-def parse_env(pairs: list[str] | None) -> dict[str, str]:
-    """``["KEY=VALUE", ...]`` as a dict; ConfigError naming a malformed pair."""
-    env: dict[str, str] = {}
-    for pair in pairs or []:
-        key, sep, value = pair.partition("=")
-        if not sep or not _ENV_KEY.match(key):
-            raise ConfigError(f"--env {pair!r}: expected KEY=VALUE with KEY a variable name")
-        env[key] = value
-    return env
-
-
-def forwarded(name: str) -> bool:
-    """Whether the local variable `name` is passed to the job by default."""
-    allowed = name in FORWARDED_ENV or name.startswith(FORWARDED_PREFIXES)
-    return allowed and not looks_secret(name)
-
-
-def job_env(extra: dict[str, str], environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Variables for the job: the `forwarded` local ones, then ``--env``. ConfigError for a
-    credential: an ``--env`` name that `looks_secret`, or a URL with a password in any value."""
-    local = os.environ if environ is None else environ
-    for key in extra:
-        if looks_secret(key):
-            raise ConfigError(
-                f"--env {key}: looks like a credential, and a job's environment is readable by "
-                f"anyone who can list jobs; give it to the workers through the cluster's own "
-                f"environment (see `ssl-dist submit` in the README)"
-            )
-    env = {k: v for k, v in local.items() if forwarded(k)}
-    env.update(extra)
-    for key, value in env.items():
-        if has_url_password(value):
-            raise ConfigError(
-                f"{key} holds a URL with a password, which would be readable with the job: "
-                f"drop the password from it and give it to the workers through the cluster's "
-                f"own environment (e.g. MLFLOW_TRACKING_PASSWORD there)"
-            )
-    return env
-
-
-def withheld_env(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Local ``MLFLOW_*`` / ``SSL_DIST_*`` variables the job does not get (for a note)."""
-    local = os.environ if environ is None else environ
-    return sorted(k for k in local if k.startswith(WITHHELD_PREFIXES) and not forwarded(k))
-
-
-def check_arguments(command: list[str]) -> None:
-    """ConfigError for an argument holding a URL with a password (the entrypoint is stored
-    with the job too)."""
-    for arg in command:
-        if has_url_password(arg):
-            raise ConfigError(
-                "an argument holds a URL with a password, which would be readable with the job: "
-                "give the credentials to the workers through the cluster's own environment"
-            )
 
 
 def project_requirements() -> list[str]:

@@ -28,19 +28,21 @@ import typer
 from typer.testing import CliRunner
 
 from ssl_dist.config import ConfigError
-from ssl_dist.credentials import looks_secret
+from ssl_dist.credentials import (
+    check_arguments,
+    forwarded,
+    job_env,
+    looks_secret,
+    parse_env,
+    withheld_env,
+)
 from ssl_dist.submit import (
     EXCLUDES,
     build_entrypoint,
     build_runtime_env,
-    check_arguments,
-    forwarded,
-    job_env,
-    parse_env,
     project_requirements,
     register,
     submit,
-    withheld_env,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
