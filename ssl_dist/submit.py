@@ -10,9 +10,9 @@ console script on the cluster. The runtime_env ships this project:
 - ``py_modules``: the local `ssl_dist` package as well, when it does not lie inside that folder;
 - ``pip`` (``--pip``): the project's dependencies except Ray; off by default, the cluster image
   is expected to have them;
-- ``env_vars``: the local non-secret MLflow settings in `credentials.FORWARDED_ENV` (tracking and registry
-  URI, experiment, HTTP retries), every ``SSL_DIST_*`` knob (log level, progress bars), and each
-  ``--env KEY=VALUE``.
+- ``env_vars``: the local non-secret MLflow settings in `credentials.FORWARDED_ENV` (tracking
+  and registry URI, experiment, HTTP retries), every ``SSL_DIST_*`` knob (log level, progress
+  bars), and each ``--env KEY=VALUE``.
 
 Secrets never travel with the job. The runtime_env, entrypoint and metadata are stored with the
 job, where anyone who can list jobs on the dashboard can read them. So a variable whose name
