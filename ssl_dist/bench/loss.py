@@ -18,24 +18,20 @@ machine other processes cause spikes that would otherwise dominate a few-iterati
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import statistics
-import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
-from ssl_dist.bench.report import free_port, table, timed, torch_threads, write
+from ssl_dist.bench.report import table, timed, torch_threads, write
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
+from ssl_dist.dist.spawn import run_world
 from ssl_dist.losses import nt_xent_loss
 
 if TYPE_CHECKING:
@@ -51,6 +47,8 @@ LOSS_COLUMNS = [
     "gathered_vs_local",
     "gather_only_ms",
 ]
+WORLD_TIMEOUT_S = 1800.0
+"""Seconds the whole gloo measurement may take (every batch), also its collectives' timeout."""
 MIN_STEPS = 3
 """Fewest timed steps per method, whatever ``seconds`` says."""
 METHOD_COLUMNS = [
@@ -125,41 +123,22 @@ def _loss_row(global_batch: int, dim: int, temperature: float, seconds: float) -
     }
 
 
-def _loss_worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) -> None:
-    import torch.distributed as dist  # process-group setup only; collectives do the rest
-
-    torch.set_num_threads(1)  # one core per rank
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    address = f"tcp://127.0.0.1:{port}"
-    timeout = timedelta(seconds=600)
-    dist.init_process_group(
-        "gloo", init_method=address, rank=rank, world_size=world, timeout=timeout
-    )
-    try:
-        rows = [
-            _loss_row(b, job["dim"], job["temperature"], job["seconds"]) for b in job["batches"]
-        ]
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        Path(result).write_text(json.dumps(rows))
+def _loss_worker(rank: int, world_size: int, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """One rank of the loss benchmark: a row per global batch (every rank returns the same
+    rows, each timing being the slowest rank's)."""
+    return [_loss_row(b, job["dim"], job["temperature"], job["seconds"]) for b in job["batches"]]
 
 
 def loss_rows(
     batches: Sequence[int], dim: int, world_size: int, temperature: float, seconds: float
 ) -> list[dict[str, Any]]:
     """Gathered vs local NT-Xent timings from a spawned gloo world (one row per global batch)."""
-    import torch.multiprocessing as mp
-
     bad = [b for b in batches if b % world_size]
     if bad:
         raise ValueError(f"global batches {bad} are not multiples of world_size={world_size}")
     job = {"batches": list(batches), "dim": dim, "temperature": temperature, "seconds": seconds}
-    with tempfile.TemporaryDirectory() as tmp:
-        result = str(Path(tmp) / "rows.json")
-        mp.spawn(_loss_worker, args=(world_size, free_port(), job, result), nprocs=world_size)
-        rows: list[dict[str, Any]] = json.loads(Path(result).read_text())
+    per_rank = run_world(_loss_worker, world_size, job, timeout=WORLD_TIMEOUT_S)
+    rows: list[dict[str, Any]] = per_rank[0]
     return rows
 
 

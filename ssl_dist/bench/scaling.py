@@ -24,28 +24,29 @@ times its worker count):
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ssl_dist.bench.quality import RECIPE, prepare_shards, require_fashion_mnist
-from ssl_dist.bench.report import free_port, table, torch_threads, write
+from ssl_dist.bench.report import table, torch_threads, write
 from ssl_dist.bench.train import plain_rate, ray_rate
 from ssl_dist.config import Config, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
+from ssl_dist.dist import collectives
+from ssl_dist.dist.spawn import run_world
 from ssl_dist.train.runtime import Hook, PhaseClock, Position, Schedule, TorchBackend, run_steps
 
 WARMUP = 5
 """Untimed steps at the start of every measurement (the trainer's own ``_Speed.WARMUP``)."""
+WORLD_TIMEOUT_S = 1800.0
+"""Seconds the phase timing's gloo group may take in all, also its collectives' timeout."""
 PHASES = ("data", "inputs", "forward", "gather_fwd", "backward", "gather_bwd", "grad_allreduce",
           "optimizer")  # fmt: skip
 """Phases of a step as the step loop's :class:`PhaseClock` names them (``inputs``: the views)."""
@@ -147,12 +148,8 @@ def _timed_gather(clock: PhaseClock, original: Callable[[torch.Tensor], torch.Te
 
 def _mean_allreduce(params: list[torch.nn.Parameter]) -> None:
     """Average gradients over the group in one flat buffer (as DeepSpeed's ZeRO-0 does)."""
-    import torch.distributed as dist
-
     grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = collectives.all_reduce_mean(torch.cat([g.reshape(-1) for g in grads]))
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
@@ -177,63 +174,49 @@ class _PhaseRows(Hook):
         self.last = now
 
 
-def _phase_worker(rank: int, world: int, port: int, job: dict[str, Any], result: str) -> None:
-    import torch.distributed as dist
-
+def _phase_worker(rank: int, world: int, job: dict[str, Any]) -> list[list[float]]:
+    """One rank of the instrumented loop. Returns, on every rank, one row per rank: the median
+    seconds of each phase in `PHASES` order, the median step and the mean step."""
     from ssl_dist.data.stream import open_shards, stream
-    from ssl_dist.dist import collectives
     from ssl_dist.optim import build_optimizer, param_groups
     from ssl_dist.train.parts import build_model, plan_steps, view_seed
 
-    torch.set_num_threads(1)  # one core per rank, as a Ray worker with cpus_per_worker=1
-    if sys.platform.startswith("linux"):
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=timedelta(seconds=600))  # fmt: skip
-    try:
-        cfg = Config.model_validate(job["config"])
-        shards = open_shards(cfg.data)
-        plan = plan_steps(cfg, shards, world)
-        method = build_model(cfg)
-        opt = build_optimizer(param_groups(method, cfg.optim.weight_decay), cfg.optim,
-                              plan.peak_lr)  # fmt: skip
-        clock = PhaseClock()
-        collectives.all_gather_with_grad = _timed_gather(  # type: ignore[assignment]
-            clock, collectives.all_gather_with_grad
-        )
-        rows = _PhaseRows(clock)
-        run_steps(
-            TorchBackend(method, opt, allreduce=_mean_allreduce, clock=clock),
-            method.make_inputs(cfg, shards.manifest, "cpu"),
-            lambda epoch: stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards),
-            Schedule(WARMUP + job["steps"], plan.peak_lr, cfg.optim.warmup_steps),
-            Position(),
-            [rows],
-            seed=lambda epoch, i: view_seed(cfg.run.seed, epoch, i, rank),
-            clock=clock,
-        )
-        keys = (*PHASES, "step")
-        med = {k: statistics.median(r[k] for r in rows.rows) for k in keys}
-        mean = sum(r["step"] for r in rows.rows) / len(rows.rows)
-        both = collectives.all_gather_no_grad(
-            torch.tensor([[med[k] for k in keys] + [mean]], dtype=torch.float64)
-        )
-    finally:
-        dist.destroy_process_group()
-    if rank == 0:
-        Path(result).write_text(json.dumps(both.tolist()))
+    cfg = Config.model_validate(job["config"])
+    shards = open_shards(cfg.data)
+    plan = plan_steps(cfg, shards, world)
+    method = build_model(cfg)
+    opt = build_optimizer(param_groups(method, cfg.optim.weight_decay), cfg.optim, plan.peak_lr)
+    clock = PhaseClock()
+    collectives.all_gather_with_grad = _timed_gather(  # type: ignore[assignment]
+        clock, collectives.all_gather_with_grad
+    )
+    rows = _PhaseRows(clock)
+    run_steps(
+        TorchBackend(method, opt, allreduce=_mean_allreduce, clock=clock),
+        method.make_inputs(cfg, shards.manifest, "cpu"),
+        lambda epoch: stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards),
+        Schedule(WARMUP + job["steps"], plan.peak_lr, cfg.optim.warmup_steps),
+        Position(),
+        [rows],
+        seed=lambda epoch, i: view_seed(cfg.run.seed, epoch, i, rank),
+        clock=clock,
+    )
+    keys = (*PHASES, "step")
+    med = {k: statistics.median(r[k] for r in rows.rows) for k in keys}
+    mean = sum(r["step"] for r in rows.rows) / len(rows.rows)
+    both = collectives.all_gather_no_grad(
+        torch.tensor([[med[k] for k in keys] + [mean]], dtype=torch.float64)
+    )
+    per_rank: list[list[float]] = both.tolist()
+    return per_rank
 
 
 def phase_shares(cfg: Config, steps: int, world: int = 2) -> list[dict[str, Any]]:
     """Per-phase median milliseconds and share of the step, per rank, from a spawned gloo
-    group of `world` processes running the instrumented loop for `steps` timed steps."""
-    import torch.multiprocessing as mp
-
+    group of `world` processes (one thread each, as a Ray worker with cpus_per_worker=1)
+    running the instrumented loop for `steps` timed steps."""
     job = {"config": cfg.model_dump(mode="json"), "steps": steps}
-    with tempfile.TemporaryDirectory() as tmp:
-        result = str(Path(tmp) / "phases.json")
-        mp.spawn(_phase_worker, args=(world, free_port(), job, result), nprocs=world)
-        per_rank = json.loads(Path(result).read_text())
+    per_rank = run_world(_phase_worker, world, job, timeout=WORLD_TIMEOUT_S)[0]
     rows = []
     for rank, values in enumerate(per_rank):
         med = dict(zip((*PHASES, "step"), values[:-1], strict=True))
