@@ -1,10 +1,15 @@
 """The `ssl-dist` command.
 
-Exit codes: 0 ok; 2 bad input or config (one message, no traceback); 1 a run that failed.
+Exit codes: 0 ok; 2 bad input or config (one message, no traceback); 1 a run that failed; 3
+another retrain holds the lock.
+
+Each command imports what it runs when it runs: those modules load torch, Ray or MLflow (seconds
+to tens of seconds), and ``ssl-dist --help`` or a bad option should answer at once.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -12,9 +17,13 @@ import time
 from pathlib import Path
 from typing import Annotated
 
+import click
 import typer
+from tqdm import tqdm
 
 from ssl_dist.config import ConfigError, load_config, to_yaml
+from ssl_dist.retrain_lock import LockHeld
+from ssl_dist.submit import register as register_submit
 
 app = typer.Typer(
     add_completion=False,
@@ -48,8 +57,7 @@ def data_prepare(
     overwrite: Annotated[bool, typer.Option(help="Replace shards in a non-empty --out.")] = False,
 ) -> None:
     """Write a source as WebDataset shards with a manifest (atomically, manifest last)."""
-    from tqdm import tqdm
-
+    # heavy: the data modules load torch
     from ssl_dist.data.shards import check_output_dir, write_shards
     from ssl_dist.data.sources import load_source
 
@@ -69,7 +77,7 @@ def data_prepare(
 def data_verify(directory: Annotated[Path, typer.Argument(help="Shard directory.")]) -> None:
     """Check every shard's size and checksum, decode every sample and flag members whose
     decoders would unpickle them; exit 1 with one line per problem."""
-    from ssl_dist.data.shards import verify
+    from ssl_dist.data.shards import verify  # heavy: loads torch
 
     problems = verify(directory)
     for p in problems:
@@ -88,9 +96,7 @@ def data_stream(
     epoch: Annotated[int, typer.Option(help="Epoch (changes the shard order).")] = 0,
 ) -> None:
     """Stream one epoch of one rank's batches, with progress and throughput."""
-    from tqdm import tqdm
-
-    from ssl_dist.data.stream import stream
+    from ssl_dist.data.stream import stream  # heavy: loads torch
 
     cfg = load_config(config, override)
     s = stream(cfg.data, rank, world_size, epoch, cfg.run.seed)
@@ -120,7 +126,7 @@ def pretrain(
     if print_config:
         typer.echo(to_yaml(cfg), nl=False)
         return
-    from ssl_dist.train.driver import pretrain as run
+    from ssl_dist.train.driver import pretrain as run  # heavy: torch, MLflow and Ray
 
     path, metrics = run(cfg)
     if metrics.get("images_s"):
@@ -134,7 +140,7 @@ def pretrain(
 
 
 def _echo_mlflow(logged: dict | None, cfg) -> None:
-    from ssl_dist.tracking import resolve_uri, ui_command
+    from ssl_dist.tracking import resolve_uri, ui_command  # heavy: loads torch
 
     if not cfg.tracking.enabled:
         return
@@ -174,7 +180,7 @@ def retrain(
     extra += [f"retrain.margin={margin}"] if margin is not None else []
     extra += ["retrain.warm_start=false"] if from_scratch else []
     cfg = load_config(config, [*(override or []), *extra])
-    from ssl_dist.retrain import retrain as run
+    from ssl_dist.retrain import retrain as run  # heavy: torch, MLflow and Ray
 
     result = run(cfg, log=lambda line: typer.echo(f"retrain: {line}"))
     typer.echo(f"decision: {result.decision} ({result.reason})")
@@ -189,7 +195,7 @@ def knn(
     manifest: Annotated[str | None, typer.Option(help="Shards to evaluate on instead.")] = None,
 ) -> None:
     """kNN accuracy (val split, train split as bank) of a checkpoint's encoder vs its init."""
-    from ssl_dist.evaluate.knn import checkpoint_knn
+    from ssl_dist.evaluate.knn import checkpoint_knn  # heavy: loads torch
 
     r = checkpoint_knn(checkpoint, manifest)
     typer.echo(
@@ -236,9 +242,7 @@ def finetune(
     val, logged to MLflow (experiment ssl-dist-finetune) with tags linking the source model.
 
     Weights are read from encoder.safetensors only; pickled weights are refused (exit 2)."""
-    import json
-
-    from ssl_dist.evaluate.finetune import run_finetune, summary
+    from ssl_dist.evaluate.finetune import run_finetune, summary  # heavy: torch, MLflow, Ray
 
     r = run_finetune(model, data, mode, tracking_uri, epochs=epochs, lr=lr,
                      batch_size=batch_size, num_workers=num_workers,
@@ -264,7 +268,7 @@ def bench_loader(
     seconds: Annotated[float, typer.Option(help="Minimum seconds per measurement.")] = 3.0,
 ) -> None:
     """Stream vs per-file PNG Dataset vs raw tar read rate; kornia vs torchvision views."""
-    from ssl_dist.bench.loader import run
+    from ssl_dist.bench.loader import run  # heavy: loads torch
 
     run(out=out, work=work, source=source, image_size=image_size, batch_size=batch_size,
         seconds=seconds)  # fmt: skip
@@ -276,7 +280,7 @@ def bench_loss(
     seconds: Annotated[float, typer.Option(help="Minimum seconds per measurement.")] = 2.0,
 ) -> None:
     """NT-Xent with gathered vs local negatives; forward+backward images/s per method."""
-    from ssl_dist.bench.loss import run
+    from ssl_dist.bench.loss import run  # heavy: loads torch
 
     run(out=out, seconds=seconds)
 
@@ -291,7 +295,7 @@ def bench_train(
     global_batch: Annotated[int, typer.Option(help="Global batch of every run.")] = 128,
 ) -> None:
     """Plain torch loop vs Ray 1/2 workers vs ZeRO 0-3: images/s, scaling, memory per rank."""
-    from ssl_dist.bench.train import run
+    from ssl_dist.bench.train import run  # heavy: loads torch
 
     run(out=out, work=work, steps=steps, global_batch=global_batch)
 
@@ -338,7 +342,7 @@ def bench_quality(
 
     Needs Debian's dataset-fashion-mnist (exit 2 naming it when missing). At the default budget
     the whole bench takes about 2 x budget + 10 minutes (pretraining, supervised, probes)."""
-    from ssl_dist.bench.quality import METHODS, run
+    from ssl_dist.bench.quality import METHODS, run  # heavy: torch, MLflow and Ray
 
     if method not in (*METHODS, "both"):
         raise ConfigError(f"--method must be simclr, moco_v3 or both (got {method!r})")
@@ -370,20 +374,14 @@ def bench_scaling(
     Images/s with 1 and 2 Ray workers and across 2 local Ray nodes, against a bare PyTorch
     loop; step-time shares (data, augmentation, all-gather, forward/backward, all-reduce);
     model FLOPs and achieved FLOP/s against the measured matmul peak. Table + JSON."""
-    from ssl_dist.bench.scaling import run
+    from ssl_dist.bench.scaling import run  # heavy: torch and Ray
 
     os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
     run(out=out, work=work, recipe=config, input_dir=input, steps=steps,
         phase_steps=phase_steps, overrides=override or [], cluster=cluster)  # fmt: skip
 
 
-def _register_submit() -> None:
-    from ssl_dist.submit import register
-
-    register(app)
-
-
-_register_submit()
+register_submit(app)
 
 
 def main() -> None:
@@ -398,18 +396,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("aborted", err=True)
         sys.exit(130)
-    except Exception as e:  # click usage errors carry their own exit code 2
-        import click
-
-        from ssl_dist.retrain import LockHeld
-
+    except Exception as e:
+        if isinstance(e, click.ClickException):  # usage errors carry their own exit code 2
+            e.show()
+            sys.exit(e.exit_code)
         if isinstance(e, LockHeld):
             typer.echo(f"error: {e}", err=True)
             sys.exit(3)
-
-        if isinstance(e, click.ClickException):
-            e.show()
-            sys.exit(e.exit_code)
         if os.environ.get("SSL_DIST_DEBUG"):
             raise
         typer.echo(f"failed: {type(e).__name__}: {e}", err=True)

@@ -16,11 +16,15 @@ safetensors, numpy and pyyaml at the versions the run used (see
 
 from __future__ import annotations
 
+import importlib
 from types import SimpleNamespace
 
 import mlflow
 import numpy as np
+import torch
+import yaml
 from mlflow.pyfunc import PythonModel
+from safetensors.torch import load_file
 
 ARCH_MODULE = "ssl_dist_encoders"
 """Module name under which the encoder architecture is shipped in the model's code folder."""
@@ -28,11 +32,6 @@ ARCH_MODULE = "ssl_dist_encoders"
 
 class EncoderModel(PythonModel):
     def load_context(self, context) -> None:
-        import importlib
-
-        import yaml
-        from safetensors.torch import load_file
-
         with open(context.artifacts["config"]) as f:
             cfg = yaml.safe_load(f)
         arch = importlib.import_module(ARCH_MODULE)
@@ -43,8 +42,6 @@ class EncoderModel(PythonModel):
         self.encoder.eval()
 
     def predict(self, context, model_input, params=None):
-        import torch
-
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32))
         with torch.no_grad():  # local: the caller's grad mode stays as it was
             return self.encoder(x).numpy()

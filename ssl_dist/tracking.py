@@ -20,13 +20,30 @@ any `http(s)://` tracking server; credentials come from MLflow's own environment
 
 from __future__ import annotations
 
+import collections
 import os
+import shutil
+import subprocess
+import tempfile
 import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ssl_dist.artifact import CONFIG, ENCODER
+from ssl_dist.config import flatten
+from ssl_dist.data.shards import manifest_sha256
+from ssl_dist.models import encoders
+from ssl_dist.train.checkpoint import TrainState
 
 T = TypeVar("T")
 
@@ -62,7 +79,7 @@ def mlflow_uris(uri: str) -> Iterator[None]:
     back as they were. Needed because MLflow resolves ``models:/name/version`` through the global
     registry URI only; restored because ``set_tracking_uri`` also exports
     ``MLFLOW_TRACKING_URI``, which would redirect every later default in this process."""
-    import mlflow
+    import mlflow  # heavy (seconds): every MLflow import is deferred to its first use
 
     saved = {k: os.environ.get(k) for k in _URI_ENV}
     mlflow.set_tracking_uri(uri)
@@ -97,7 +114,7 @@ def bound_http_client() -> None:
 
 def client(uri: str):
     """An `MlflowClient` for `uri` with bounded HTTP calls; a sqlite folder is created."""
-    from mlflow import MlflowClient
+    from mlflow import MlflowClient  # heavy (mlflow)
 
     bound_http_client()
     if uri.startswith("sqlite:///"):
@@ -167,8 +184,6 @@ def find_run(mlflow_client, exp_id: str, key: str):
 
 def lineage_tags(cfg) -> dict[str, str]:
     """Tags that say what made the run: code, package versions, data, method, world size."""
-    from importlib import metadata
-
     tags = {
         "ssl_dist.method": cfg.method.name,
         "ssl_dist.encoder": cfg.model.encoder,
@@ -181,16 +196,21 @@ def lineage_tags(cfg) -> dict[str, str]:
         except metadata.PackageNotFoundError:
             tags[f"version.{pkg}"] = "not installed"
     tags.update(git_tags())
-    digest = manifest_sha256(cfg.data.manifest)
-    if digest:
-        tags["ssl_dist.data_manifest_sha256"] = digest
+    tags.update(manifest_tag(cfg.data.manifest))
     return tags
+
+
+def manifest_tag(url: str) -> dict[str, str]:
+    """``ssl_dist.data_manifest_sha256``: the digest of the manifest file's bytes (best effort:
+    the stream reports a manifest it cannot read)."""
+    try:
+        return {"ssl_dist.data_manifest_sha256": manifest_sha256(url)}
+    except Exception:  # noqa: BLE001 (lineage is best effort)
+        return {}
 
 
 def git_tags() -> dict[str, str]:
     """``git.sha`` and ``git.dirty`` of the checkout this package runs from (if it is one)."""
-    import subprocess
-
     root = Path(__file__).resolve().parent.parent
     if not (root / ".git").exists():
         return {}
@@ -205,22 +225,10 @@ def git_tags() -> dict[str, str]:
     return {"git.sha": sha, "git.dirty": str(bool(dirty)).lower()}
 
 
-def manifest_sha256(url: str) -> str | None:
-    import hashlib
-
-    import fsspec
-
-    try:
-        with fsspec.open(url, "rb") as f:
-            return hashlib.sha256(f.read()).hexdigest()
-    except Exception:  # noqa: BLE001 (lineage is best effort; the stream reports bad manifests)
-        return None
-
-
 def _log_params(mlflow_client, run, params: dict[str, str]) -> None:
     """Log params not yet on the run. MLflow params are write-once: a continued run whose
     config changed keeps the first values, and the changes are recorded in a tag."""
-    from mlflow.entities import Param, RunTag
+    from mlflow.entities import Param, RunTag  # heavy (mlflow)
 
     have = run.data.params
     new = [Param(k, v[:6000]) for k, v in params.items() if k not in have]
@@ -235,8 +243,6 @@ def _log_params(mlflow_client, run, params: dict[str, str]) -> None:
 def find_or_create_run(cfg, uri: str) -> str:
     """Id of this training run's MLflow run: found by its key, else created. Params (the
     flattened config) and lineage tags are logged either way."""
-    from ssl_dist.config import flatten
-
     c = client(uri)
     exp_id = experiment_id(c, cfg.tracking.experiment, uri)
     key = run_key(cfg.run.storage_path, cfg.run.name)
@@ -280,9 +286,6 @@ class RunLogger:
 
     def __init__(self, cfg, uri: str, run_id: str | None, max_metrics: int = 20000,
                  max_artifact_sets: int = 2, retry_max_s: float = 10.0) -> None:  # fmt: skip
-        import collections
-        import tempfile
-
         self.cfg, self.uri, self.run_id = cfg, uri, run_id
         self.max_artifact_sets, self.retry_max_s = max_artifact_sets, retry_max_s
         self._metrics: collections.deque = collections.deque(maxlen=max_metrics)
@@ -303,9 +306,7 @@ class RunLogger:
 
     # called from the training loop: never blocks on the network
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        import time
-
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # heavy (mlflow), loaded once by the first call
 
         ts = int(time.time() * 1000)
         with self._cond:
@@ -323,8 +324,6 @@ class RunLogger:
 
     def artifacts(self, files: list[Path], artifact_path: str) -> None:
         """Copy `files` now (the caller may delete them) and upload them under `artifact_path`."""
-        import shutil
-
         dest = self._tmp / artifact_path.replace("/", "__")
         dest.mkdir(parents=True, exist_ok=True)
         for f in files:
@@ -339,9 +338,6 @@ class RunLogger:
 
     def close(self, timeout_s: float = 30.0) -> bool:
         """Send what is buffered within `timeout_s`; True when everything was sent."""
-        import shutil
-        import time
-
         with self._cond:
             self._closing = True
             self._close_by = time.monotonic() + timeout_s
@@ -360,8 +356,6 @@ class RunLogger:
 
     # the sender thread
     def _run(self) -> None:
-        import time
-
         backoff = 0.5
         while True:
             with self._cond:
@@ -395,8 +389,6 @@ class RunLogger:
                 backoff = min(backoff * 2, self.retry_max_s)
 
     def _send(self) -> None:
-        import shutil
-
         c = client(self.uri)
         if self.run_id is None:
             self.run_id = find_or_create_run(self.cfg, self.uri)
@@ -414,7 +406,7 @@ class RunLogger:
         with self._cond:
             tags = dict(self._tags)
         if tags:
-            from mlflow.entities import RunTag
+            from mlflow.entities import RunTag  # heavy (mlflow)
 
             c.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
             with self._cond:  # unless a newer value came meanwhile
@@ -445,7 +437,9 @@ class NodeMetrics:
 
     def __init__(self, uri: str, run_id: str, node_id: str, interval_s: float) -> None:
         def start():
-            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+            from mlflow.system_metrics.system_metrics_monitor import (  # heavy (mlflow)
+                SystemMetricsMonitor,
+            )
 
             bound_http_client()
             monitor = SystemMetricsMonitor(
@@ -476,7 +470,7 @@ MODEL_NAME_IN_RUN = "encoder"
 
 def curves_figure(mlflow_client, run_id: str):
     """Loss and learning-rate curves from the run's metric history (every restart included)."""
-    import matplotlib
+    import matplotlib  # heavy (a second), and only the driver draws, once per run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -492,13 +486,12 @@ def curves_figure(mlflow_client, run_id: str):
     return fig
 
 
-def embedding_figure(features, labels, classes: list[str]):
+def embedding_figure(features: Tensor, labels: Tensor, classes: list[str]):
     """2-D PCA of the val split's features, coloured by class."""
-    import matplotlib
+    import matplotlib  # heavy (a second), and only the driver draws, once per run
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import torch
 
     x = features - features.mean(0)
     _, _, v = torch.pca_lowrank(x, q=2, center=False)
@@ -514,48 +507,45 @@ def embedding_figure(features, labels, classes: list[str]):
     return fig
 
 
-def _encoder_and_example(cfg, checkpoint_dir: Path, max_samples: int = 2000):
-    """The trained encoder, val features/labels for the plot, and an input example."""
-    import torch
+@dataclass
+class EncoderSample:
+    """What the driver hands to :func:`finish_run` about the trained encoder, so that tracking
+    never builds a data pipeline or an encoder itself
+    (:func:`ssl_dist.evaluate.embedding.encoder_sample` makes one)."""
 
-    from ssl_dist.data.stream import open_shards
-    from ssl_dist.evaluate.knn import extract_features
-    from ssl_dist.models import build_encoder
-    from ssl_dist.train.checkpoint import ENCODER, load_encoder
-    from ssl_dist.train.parts import build_views
-
-    shards = open_shards(cfg.data)
-    views = build_views(cfg, shards.manifest)
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    encoder.load_state_dict(load_encoder(checkpoint_dir / ENCODER), strict=True)
-    encoder.eval()
-    feats, labels = extract_features(encoder, cfg.data, cfg.data.val_split, views,
-                                     max_samples=max_samples)  # fmt: skip
-    from ssl_dist.data.stream import stream
-
-    first = next(iter(stream(cfg.data, 0, 1, 0, split=cfg.data.val_split, partial=True)))
-    example = views.plain(first.images[:2])
-    with torch.no_grad():
-        out = encoder(example)
-    return feats, labels, shards.manifest.classes, example.numpy(), out.numpy()
+    features: Tensor
+    """Encoder features ``[N, F]`` of (up to a few thousand) val samples, for the PCA figure."""
+    labels: Tensor
+    """Their classes ``[N]``."""
+    classes: list[str]
+    """Class names (the manifest's)."""
+    example: np.ndarray
+    """A model input ``[2, C, H, W]`` float32 (the plain view): the model's input example."""
+    example_features: np.ndarray
+    """The encoder's output for `example`: with it, the model's signature."""
 
 
-def finish_run(cfg, checkpoint_dir: Path, final_metrics: dict[str, float]) -> dict | None:
+def finish_run(
+    cfg, checkpoint_dir: Path, final_metrics: dict[str, float], sample: EncoderSample | None = None
+) -> dict | None:
     """Driver side, after training: figures, the MLflow model, the registered version + alias.
+
+    `sample` gives the embedding figure and the model's input example and signature (without
+    it the model is logged without them).
 
     Bounded and never raising: returns ``{"run_id", "model_uri", "version"}`` or None.
     """
     if not cfg.tracking.enabled:
         return None
     uri = resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
-    return bounded(lambda: _finish(cfg, uri, Path(checkpoint_dir), final_metrics),
+    return bounded(lambda: _finish(cfg, uri, Path(checkpoint_dir), final_metrics, sample),
                    FINISH_TIMEOUT_S, f"register the encoder at {uri}")  # fmt: skip
 
 
-def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
-    import mlflow
-
-    from ssl_dist.train.checkpoint import TrainState
+def _finish(
+    cfg, uri: str, ckpt: Path, final_metrics: dict[str, float], sample: EncoderSample | None
+) -> dict:
+    import mlflow  # heavy (mlflow)
 
     c = client(uri)
     state = TrainState.read(ckpt)
@@ -582,19 +572,18 @@ def _finish(cfg, uri: str, ckpt: Path, final_metrics: dict[str, float]) -> dict:
         return {"run_id": run_id, "model_uri": version.source, "version": version.version,
                 "registered": f"models:/{name}@{cfg.tracking.alias}"}  # fmt: skip
     c.log_figure(run_id, curves_figure(c, run_id), "figures/loss_lr.png")
-    feats, labels, classes, example, out = _encoder_and_example(cfg, ckpt)
-    c.log_figure(run_id, embedding_figure(feats, labels, classes), "figures/embedding_pca.png")
+    if sample is not None:
+        figure = embedding_figure(sample.features, sample.labels, sample.classes)
+        c.log_figure(run_id, figure, "figures/embedding_pca.png")
 
     with mlflow_uris(uri):  # log_model and register_model read the process-wide URIs
         with mlflow.start_run(run_id=run_id):
-            info = log_encoder_model(ckpt, example, out)
+            info = log_encoder_model(ckpt, sample)
         version = mlflow.register_model(info.model_uri, cfg.tracking.model_name)
     tags = {"ssl_dist.run_key": run_key(cfg.run.storage_path, cfg.run.name),
             "ssl_dist.step": str(step), "ssl_dist.method": cfg.method.name,
             "ssl_dist.data_manifest": cfg.data.manifest}  # fmt: skip
-    digest = manifest_sha256(cfg.data.manifest)
-    if digest:
-        tags["ssl_dist.data_manifest_sha256"] = digest
+    tags.update(manifest_tag(cfg.data.manifest))
     for k, v in tags.items():
         c.set_model_version_tag(cfg.tracking.model_name, version.version, k, v)
     if cfg.tracking.alias.lower() != "latest":
@@ -613,27 +602,25 @@ def model_requirements() -> list[str]:
     """Pins for the registered model's environment: each of `MODEL_REQUIREMENTS` at the version
     installed here, without a local build label (``2.14.1+cu130`` -> ``2.14.1``, which package
     indexes serve). ssl-dist itself is not among them: the model ships the code it needs."""
-    from importlib import metadata
-
     return [f"{pkg}=={metadata.version(pkg).split('+')[0]}" for pkg in MODEL_REQUIREMENTS]
 
 
-def log_encoder_model(checkpoint_dir: Path, example, features):
-    """Log the encoder in `checkpoint_dir` as a pyfunc model of the active MLflow run: the
-    code file `ssl_dist/mlflow_model.py`, the architecture as ``code/ssl_dist_encoders.py``,
-    the weights (safetensors) and config as artifacts, pinned requirements, and a signature
-    from `example` -> `features`. Returns MLflow's ``ModelInfo``."""
-    import shutil
-    import tempfile
-
+def log_encoder_model(checkpoint_dir: Path, sample: EncoderSample | None = None):
+    """Log the encoder artifact in `checkpoint_dir` as a pyfunc model of the active MLflow run:
+    the code file `ssl_dist/mlflow_model.py`, the architecture as ``code/ssl_dist_encoders.py``,
+    the weights (safetensors) and config as artifacts, pinned requirements, and (with `sample`)
+    an input example and the signature example -> features. Returns MLflow's ``ModelInfo``."""
+    # heavy (mlflow); mlflow_model imports mlflow at its top
     import mlflow
     from mlflow.models import infer_signature
 
     from ssl_dist.mlflow_model import ARCH_MODULE
-    from ssl_dist.models import encoders
-    from ssl_dist.train.checkpoint import ENCODER
 
     ckpt = Path(checkpoint_dir)
+    example, signature = None, None
+    if sample is not None:
+        example = sample.example
+        signature = infer_signature(sample.example, sample.example_features)
     with tempfile.TemporaryDirectory(prefix="ssl-dist-model-code-") as tmp:
         arch = Path(tmp) / f"{ARCH_MODULE}.py"
         shutil.copyfile(encoders.__file__, arch)
@@ -643,9 +630,9 @@ def log_encoder_model(checkpoint_dir: Path, example, features):
                 name=MODEL_NAME_IN_RUN,
                 python_model=str(Path(__file__).with_name("mlflow_model.py")),
                 code_paths=[str(arch)],
-                artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
+                artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / CONFIG)},
                 pip_requirements=model_requirements(),
-                signature=infer_signature(example, features),
+                signature=signature,
                 input_example=example,
             )
 

@@ -38,14 +38,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import kornia.augmentation as K
 import torch
 import torch.nn.functional as F
 import typer
 from torch import Tensor, nn
 
+from ssl_dist import tracking
+from ssl_dist.artifact import read_artifact
+from ssl_dist.atomic import write_atomic
 from ssl_dist.bench.report import table, torch_threads, write
 from ssl_dist.config import Config, ConfigError, DataConfig, load_config
-from ssl_dist.data.sources import FASHION_MNIST_DIR
+from ssl_dist.data.shards import MANIFEST, manifest_sha256, read_manifest, write_shards
+from ssl_dist.data.sources import FASHION_MNIST_DIR, fashion_mnist
+from ssl_dist.data.stream import open_shards, stream
+from ssl_dist.data.views import views_for
+from ssl_dist.evaluate.knn import knn_predict
+from ssl_dist.evaluate.probe import WD_GRID, probe_features
+from ssl_dist.evaluate.source import DEFAULT_STORAGE
+from ssl_dist.methods.classify import Classifier, ClassifyInputs
+from ssl_dist.optim import param_groups
+from ssl_dist.train.checkpoint import STATE, TrainState, is_complete
+from ssl_dist.train.driver import build_trainer, connect, pretrain, resolve_paths
+from ssl_dist.train.parts import build_model, plan_steps, view_seed
+from ssl_dist.train.runtime import Position, Recorder, Schedule, TimeLimit, TorchBackend, run_steps
 
 RECIPE = Path("launch/recipes/fashion-mnist-cpu.yaml")
 METHODS = ("simclr", "moco_v3")
@@ -88,9 +104,6 @@ def require_fashion_mnist(root: Path) -> None:
 
 def prepare_shards(work: Path, root: Path, samples_per_shard: int = 1000) -> Path:
     """Fashion-MNIST as shards under ``work/data`` (written once, reused while complete)."""
-    from ssl_dist.data.shards import MANIFEST, read_manifest, write_shards
-    from ssl_dist.data.sources import fashion_mnist
-
     out = work / "data"
     if (out / MANIFEST).is_file():
         try:
@@ -115,8 +128,6 @@ class Labelled:
 
 def load_split(data: DataConfig, split: str) -> Labelled:
     """Every sample of `split`, decoded once into memory (Fashion-MNIST: 55 MB at 28 px)."""
-    from ssl_dist.data.stream import stream
-
     xs, ys = [], []
     cfg = data.model_copy(update={"batch_size": 1000})
     for batch in stream(cfg, 0, 1, 0, split=split, partial=True):
@@ -151,9 +162,6 @@ def evaluate_features(
     max_iter: int = 300,
 ) -> dict[str, Any]:  # fmt: skip
     """The project's linear probe and the kNN monitor on the same features."""
-    from ssl_dist.evaluate.finetune import probe_features
-    from ssl_dist.evaluate.knn import knn_predict
-
     start = time.perf_counter()
     r = probe_features(train_x, train_y, val_x, val_y, num_classes, max_iter=max_iter)
     probe_s = time.perf_counter() - start
@@ -171,14 +179,11 @@ class Evaluator:
     determines them, and reused by later runs (marked ``cached``)."""
 
     def __init__(self, cfg: Config, threads: int = 1, cache_dir: Path | None = None) -> None:
-        from ssl_dist.data.stream import open_shards
-        from ssl_dist.train.parts import build_views
-
         self.cfg = cfg
         shards = open_shards(cfg.data)
-        self.manifest_sha256 = shards.manifest.sha256
+        self.manifest_sha256 = manifest_sha256(cfg.data.manifest)
         self.num_classes = len(shards.manifest.classes)
-        self.views = build_views(cfg, shards.manifest)
+        self.views = views_for(cfg, shards.manifest)
         self.threads = threads
         self.cache = cache_dir / "baselines.json" if cache_dir is not None else None
         start = time.perf_counter()
@@ -214,9 +219,6 @@ class Evaluator:
         return self._cached(key, lambda: self.encoder(init_encoder(self.cfg)))
 
     def _cached(self, key: dict[str, Any], score: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        from ssl_dist.evaluate.finetune import WD_GRID
-        from ssl_dist.train.checkpoint import write_atomic
-
         if self.cache is None:
             return score()
         full = {**key, "manifest": self.manifest_sha256, "wd_grid": list(WD_GRID),
@@ -237,18 +239,12 @@ class Evaluator:
 
 def init_encoder(cfg: Config) -> nn.Module:
     """The encoder exactly as training starts it (seed, method constructor, zero-init)."""
-    from ssl_dist.train.parts import build_model
-
     return build_model(cfg).encoder
 
 
-def checkpoint_encoder(cfg: Config, directory: Path) -> nn.Module:
-    from ssl_dist.models import build_encoder
-    from ssl_dist.train.checkpoint import ENCODER, load_encoder
-
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    encoder.load_state_dict(load_encoder(directory / ENCODER), strict=True)
-    return encoder
+def checkpoint_encoder(directory: Path) -> nn.Module:
+    """The encoder of a checkpoint (its artifact)."""
+    return read_artifact(directory).build_encoder()
 
 
 # ---------------------------------------------------------------- pretraining on a time budget
@@ -284,8 +280,6 @@ class Calibration:
 
 def calibrate(cfg: Config, steps: int = CALIBRATION_STEPS) -> Calibration:
     """A short Ray run of `cfg` (tracking off, its own run name)."""
-    from ssl_dist.train.driver import build_trainer, connect, resolve_paths
-
     c = cfg.model_copy(deep=True)
     c.tracking.enabled = False
     c.run.name = f"{cfg.run.name}-calibration"
@@ -334,8 +328,6 @@ class Pretrained:
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:
     """``(step, dir, mtime of its train state)`` of every complete checkpoint, by step."""
-    from ssl_dist.train.checkpoint import STATE, TrainState, is_complete
-
     found = []
     for d in run_dir.glob("checkpoint_*"):
         if is_complete(d):
@@ -346,11 +338,6 @@ def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:
 def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     """Pretrain `cfg` on Ray for about `budget_s` seconds (through ``ssl-dist pretrain``'s
     driver: MLflow run, checkpoint artifacts, registered encoder)."""
-    from ssl_dist.data.stream import open_shards
-    from ssl_dist.train.checkpoint import TrainState
-    from ssl_dist.train.driver import pretrain
-    from ssl_dist.train.parts import plan_steps
-
     steps, every = plan_budget(budget_s, cal)
     c = cfg.model_copy(deep=True)
     c.run.max_steps, c.run.checkpoint_every = steps, every
@@ -399,20 +386,6 @@ def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, bu
     (`threads` threads): random resized crop (scale 0.5-1) and flip on the device; warm-up and
     cosine (:func:`ssl_dist.optim.lr_at`) over the steps that fit `budget_s`, estimated from the
     first steps' speed; a time limit stops it when the budget is spent."""
-    import kornia.augmentation as K
-
-    from ssl_dist.methods.classify import Classifier, ClassifyInputs
-    from ssl_dist.optim import param_groups
-    from ssl_dist.train.parts import view_seed
-    from ssl_dist.train.runtime import (
-        Position,
-        Recorder,
-        Schedule,
-        TimeLimit,
-        TorchBackend,
-        run_steps,
-    )
-
     with torch_threads(threads):
         encoder = init_encoder(cfg)
         model = Classifier(encoder, int(train.labels.max()) + 1)
@@ -459,7 +432,7 @@ def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, bu
 def plot(out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, float],
          title: str) -> Path:  # fmt: skip
     """Probe top-1 (solid) and kNN top-1 (dashed) against training minutes, with baselines."""
-    import matplotlib
+    import matplotlib  # heavy (a second): only for the plot at the end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -489,10 +462,9 @@ def log_mlflow(uri: str, doc: dict[str, Any], files: Sequence[Path], timeout_s: 
                linked_runs: Sequence[str] = ()) -> str | None:  # fmt: skip
     """One run in experiment ``ssl-dist-bench``: summary metrics, the JSON and the plot.
     Bounded; None (and a warning) when the store is slow or down."""
-    from ssl_dist import tracking
 
     def log() -> str:
-        from mlflow.entities import Metric, Param, RunTag
+        from mlflow.entities import Metric, Param, RunTag  # heavy (mlflow): only when logging
 
         c = tracking.client(uri)
         exp = tracking.experiment_id(c, EXPERIMENT, uri)
@@ -549,9 +521,6 @@ def run(
     cache_baselines: bool = True,
 ) -> dict[str, Any]:
     """Run the whole bench; return the JSON document (also written to `out`)."""
-    from ssl_dist import tracking
-    from ssl_dist.evaluate.source import DEFAULT_STORAGE
-
     require_fashion_mnist(input_dir)
     for m in methods:
         if m not in METHODS:
@@ -588,7 +557,7 @@ def run(
             runs.append(pretrain_for(cfg, budget_s, cal))
             phases[f"{m}_pretrain_s"] = time.perf_counter() - t
     finally:
-        import ray
+        import ray  # heavy (seconds); connect() started it
 
         if ray.is_initialized():
             ray.shutdown()
@@ -616,7 +585,7 @@ def run(
         t = time.perf_counter()
         curve = []
         for pt in p.points:
-            scores = init if pt.path is None else ev.encoder(checkpoint_encoder(p.cfg, pt.path))
+            scores = init if pt.path is None else ev.encoder(checkpoint_encoder(pt.path))
             epochs = p.epochs * pt.step / max(p.max_steps, 1)
             curve.append({"step": pt.step, "train_s": pt.seconds, "epochs": epochs, **scores})
             _say(f"{p.method} step {pt.step} ({pt.seconds:.0f}s): probe "

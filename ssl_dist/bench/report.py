@@ -12,10 +12,12 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ssl_dist.atomic import write_atomic
+
 
 def machine() -> dict[str, Any]:
-    import torch
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -66,9 +68,7 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
 def write(out: Path, name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"bench": name, "machine": machine(), "rows": rows, **extra}
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, out)
+    write_atomic(out, json.dumps(doc, indent=2))
 
 
 def free_port() -> int:
@@ -81,8 +81,6 @@ def free_port() -> int:
 @contextlib.contextmanager
 def torch_threads(n: int) -> Iterator[None]:
     """torch's intra-op thread count set to `n` inside the block, restored after."""
-    import torch
-
     saved = torch.get_num_threads()
     torch.set_num_threads(n)
     try:

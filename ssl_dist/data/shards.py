@@ -2,8 +2,10 @@
 
 A shard set is ``{split}-000000.tar ...`` (WebDataset tar files; each sample is ``KEY.png`` with
 the image stored losslessly and ``KEY.cls`` with the class index) plus ``manifest.json``.
-Every file is written under a temporary name and renamed into place, the manifest last, so a
-manifest never points at a half-written shard.
+Every file is written under a temporary name and renamed into place (:mod:`ssl_dist.atomic`),
+the manifest last, so a manifest never points at a half-written shard. A manifest is named by the
+sha256 of its file's bytes (:func:`manifest_sha256`): the lineage tag of every run and registered
+model, and the retrain job's data key.
 """
 
 from __future__ import annotations
@@ -11,10 +13,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import tarfile
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import fsspec
@@ -24,6 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from webdataset.tariterators import base_plus_ext
 
+from ssl_dist.atomic import TMP_GLOB, atomic_file, write_atomic
 from ssl_dist.config import ConfigError
 from ssl_dist.data.sources import Source
 
@@ -78,18 +80,17 @@ class Manifest(BaseModel):
     splits: dict[str, SplitInfo]
     created: str = ""
 
-    def shard_names(self, split: str) -> list[str]:
-        return [s.name for s in self.split(split).shards]
-
     def split(self, split: str) -> SplitInfo:
         if split not in self.splits:
             raise ConfigError(f"manifest has no split {split!r}; it has {sorted(self.splits)}")
         return self.splits[split]
 
-    @property
-    def sha256(self) -> str:
-        """Digest of the manifest content: names the exact data a run used."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()
+
+def manifest_sha256(url: str) -> str:
+    """sha256 of the manifest file's bytes (a path or an fsspec URL): names the exact data a
+    run used. Raises OSError (FileNotFoundError...) when it cannot be read."""
+    with fsspec.open(url, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 def parse_manifest(text: str, where: str) -> Manifest:
@@ -114,18 +115,13 @@ def _sha256(path: Path) -> str:
 
 
 def _write_shard(path: Path, samples: list[tuple[str, bytes, int]]) -> ShardInfo:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        with wds.TarWriter(f) as sink:
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as f, wds.TarWriter(f) as sink:
             for key, png, label in samples:
                 sink.write({"__key__": key, "png": png, "cls": str(label).encode()})
-        f.flush()
-        os.fsync(f.fileno())
-    info = ShardInfo(
-        name=path.name, samples=len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp)
-    )
-    os.replace(tmp, path)
-    return info
+        return ShardInfo(
+            name=path.name, samples=len(samples), bytes=tmp.stat().st_size, sha256=_sha256(tmp)
+        )
 
 
 class _Moments:
@@ -185,7 +181,7 @@ def write_shards(
         # Nothing half-written: a failed run leaves no manifest and none of its shards.
         for p in written:
             p.unlink(missing_ok=True)
-        for p in out.glob(".*.tmp"):
+        for p in out.glob(TMP_GLOB):
             p.unlink(missing_ok=True)
         raise
 
@@ -232,9 +228,7 @@ def _write_all(source, out, samples_per_shard, seed, written, progress) -> Manif
         splits=splits,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    os.replace(tmp, out / MANIFEST)
+    write_atomic(out / MANIFEST, manifest.model_dump_json(indent=2))
     return manifest
 
 
@@ -369,17 +363,3 @@ def verify(out: Path, on_shard: Callable[[str], None] | None = None) -> list[str
             if on_shard is not None:
                 on_shard(info.name)
     return problems
-
-
-def iter_samples(paths: Iterable[Path]):
-    """Plain tarfile reader of (key, png bytes, label): the ceiling / reference for benchmarks."""
-    for path in paths:
-        with tarfile.open(path) as tar:
-            pending: dict[str, dict[str, bytes]] = {}
-            for member in tar:
-                key, _, ext = member.name.partition(".")
-                f = tar.extractfile(member)
-                pending.setdefault(key, {})[ext] = f.read() if f else b""
-                if {"png", "cls"} <= pending[key].keys():
-                    s = pending.pop(key)
-                    yield key, s["png"], int(s["cls"])

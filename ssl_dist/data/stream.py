@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_dist.config import ConfigError, DataConfig
@@ -305,8 +306,6 @@ def plan_exact(
 
 def _open(url: str):
     if url.startswith("pipe:"):
-        from webdataset.gopen import gopen
-
         return gopen(url)
     return fsspec.open(url, "rb").open()
 

@@ -13,9 +13,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ssl_dist.artifact import read_artifact
 from ssl_dist.config import DataConfig
-from ssl_dist.data.stream import stream
-from ssl_dist.data.views import TwoViews
+from ssl_dist.data.stream import open_shards, stream
+from ssl_dist.data.views import TwoViews, views_for
+from ssl_dist.models import build_encoder
 
 
 @torch.no_grad()
@@ -84,28 +86,17 @@ def knn_accuracy(
 def checkpoint_knn(checkpoint: str | Path, manifest: str | None = None) -> dict[str, float]:
     """kNN accuracy of a checkpoint's encoder and of the same encoder at initialisation.
 
-    Reads `config.yaml` and `encoder.safetensors` from the checkpoint directory (no pickle).
+    Reads the checkpoint's encoder artifact (:func:`ssl_dist.artifact.read_artifact`: no pickle).
     """
-    import yaml
-
-    from ssl_dist.config import Config, ConfigError
-    from ssl_dist.data.stream import open_shards
-    from ssl_dist.models import build_encoder
-    from ssl_dist.train.checkpoint import ENCODER, load_encoder
-    from ssl_dist.train.parts import build_views
-
-    d = Path(checkpoint)
-    if not (d / ENCODER).is_file() or not (d / "config.yaml").is_file():
-        raise ConfigError(f"{d} is not an ssl-dist checkpoint (no {ENCODER} / config.yaml)")
-    cfg = Config.model_validate(yaml.safe_load((d / "config.yaml").read_text()))
+    found = read_artifact(checkpoint)
+    cfg = found.cfg
     if manifest:
         cfg.data.manifest = manifest
     shards = open_shards(cfg.data)
-    views = build_views(cfg, shards.manifest)
+    views = views_for(cfg, shards.manifest)
     num_classes = len(shards.manifest.classes)
     torch.manual_seed(cfg.run.seed)  # the same init the run started from
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    init = knn_accuracy(encoder, cfg.data, views, num_classes)
-    encoder.load_state_dict(load_encoder(d / ENCODER), strict=True)
-    trained = knn_accuracy(encoder, cfg.data, views, num_classes)
+    at_init = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
+    init = knn_accuracy(at_init, cfg.data, views, num_classes)
+    trained = knn_accuracy(found.build_encoder(), cfg.data, views, num_classes)
     return {"knn_init": init, "knn_trained": trained}

@@ -9,10 +9,8 @@
 * ``runs:/<run id>/<path>``: an artifact (folder) of an MLflow run;
 * a local directory: an ssl-dist checkpoint (``encoder.safetensors`` + ``config.yaml``).
 
-Trust boundary: weights are read with ``safetensors.torch.load_file`` only. A tree that offers
-pickled weights instead (``.pt``, ``.pth``, ``.pkl``, ``.bin``, ``.ckpt``), or a file named
-``encoder.safetensors`` that is not safetensors (a renamed pickle), is refused with a
-:class:`~ssl_dist.config.ConfigError`; nothing is ever unpickled.
+Whatever the address, the files are read by :func:`ssl_dist.artifact.read_artifact`: safetensors
+only, pickled weights refused, nothing ever unpickled.
 """
 
 from __future__ import annotations
@@ -24,103 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import ValidationError
-from torch import Tensor
+from ssl_dist import tracking
+from ssl_dist.artifact import Artifact, read_artifact
+from ssl_dist.config import ConfigError
 
-from ssl_dist.config import Config, ConfigError, _format_error
-from ssl_dist.tracking import mlflow_uris
-from ssl_dist.train.checkpoint import ENCODER
-
-CONFIG = "config.yaml"
-PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt")
-"""Weight files that only unpickling could read: refused."""
 DEFAULT_STORAGE = "work/runs"
 """Where the default sqlite tracking store lives (``<storage>/mlflow.db``), as for pretraining."""
 
 
 @dataclass
-class EncoderSource:
-    """A pretrained encoder: its weights, the config it was trained with, and where it is from."""
+class EncoderSource(Artifact):
+    """A pretrained encoder (weights and the config it was trained with) and where it is from."""
 
-    tensors: dict[str, Tensor]
-    """The encoder's state dict (fp32), as read from ``encoder.safetensors``."""
-    cfg: Config
-    """The pretraining config (``config.yaml``): encoder architecture, image size, channels."""
     lineage: dict[str, str] = field(default_factory=dict)
     """``uri`` always; ``model_name``, ``model_version``, ``run_id`` when known."""
-
-
-def _refuse(path: Path | str, why: str) -> ConfigError:
-    return ConfigError(f"refusing to load {path}: {why}; only safetensors weights are loaded")
-
-
-def _read_weights(path: Path) -> dict[str, Tensor]:
-    from safetensors.torch import load_file
-
-    try:
-        tensors = load_file(str(path))
-    except Exception:  # SafetensorError (bad header), OSError...: never fall back to pickle
-        raise _refuse(path, "it is not a valid safetensors file") from None
-    if not tensors:
-        raise _refuse(path, "it holds no tensors")
-    return tensors
-
-
-def _read_config(path: Path) -> Config:
-    try:
-        tree = yaml.safe_load(path.read_text())
-        return Config.model_validate(tree)
-    except ValidationError as e:
-        raise ConfigError(f"{path}: {_format_error(e)}") from None
-    except (yaml.YAMLError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path} is not an ssl-dist config: {first}") from None
-
-
-def _pick(found: list[Path], root: Path, what: str) -> Path | None:
-    """The shallowest of `found`; several at that depth is ambiguous."""
-    if not found:
-        return None
-    depth = min(len(p.relative_to(root).parts) for p in found)
-    top = sorted(p for p in found if len(p.relative_to(root).parts) == depth)
-    if len(top) > 1:
-        names = ", ".join(str(p.relative_to(root)) for p in top[:4])
-        raise ConfigError(f"{root} holds several {what} files ({names}); point at one folder")
-    return top[0]
-
-
-def _as_tree(path: Path) -> Path:
-    if path.is_dir():
-        return path
-    if path.suffix.lower() in PICKLE_SUFFIXES:
-        raise _refuse(path, "it is a pickled weights file")
-    if path.name == ENCODER:
-        return path.parent  # its config.yaml must sit beside it
-    raise ConfigError(f"{path} is not a folder holding {ENCODER} and {CONFIG}")
-
-
-def read_tree(root: Path) -> tuple[dict[str, Tensor], Config]:
-    """Find ``encoder.safetensors`` and ``config.yaml`` under `root` (recursively) and read them.
-
-    The config beside the weights is preferred; otherwise the one config file in the tree.
-    """
-    root = _as_tree(Path(root))
-    weights = _pick(list(root.rglob(ENCODER)), root, ENCODER)
-    if weights is None:
-        pickles = sorted(
-            p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in PICKLE_SUFFIXES
-        )
-        if pickles:
-            names = ", ".join(str(p.relative_to(root)) for p in pickles[:4])
-            raise _refuse(root, f"it has no {ENCODER}, only pickled weights ({names})")
-        raise ConfigError(f"{root} holds no {ENCODER}: not an ssl-dist encoder")
-    beside = weights.parent / CONFIG
-    config = beside if beside.is_file() else _pick(list(root.rglob(CONFIG)), root, CONFIG)
-    if config is None:
-        raise ConfigError(f"{root} holds {ENCODER} but no {CONFIG} (the pretraining config)")
-    cfg = _read_config(config)  # before the weights: a cheap check first
-    return _read_weights(weights), cfg
 
 
 _ALIAS = re.compile(r"^models:/(?P<name>[^/@]+)@(?P<alias>[^/@]+)/?$")
@@ -136,7 +51,7 @@ def _not_found(e: Exception) -> bool:
 
 def _resolve_model(client: Any, uri: str) -> tuple[str, dict[str, str]]:
     """The exact ``models:/name/version`` to download and the lineage of a models:/ URI."""
-    from mlflow.exceptions import MlflowException
+    from mlflow.exceptions import MlflowException  # heavy (mlflow): only for MLflow sources
 
     lineage = {"uri": uri}
     m_id = _MODEL_ID.match(uri)
@@ -184,10 +99,9 @@ def _check_sqlite(uri: str) -> None:
 
 
 def _load_mlflow(uri: str, tracking_uri: str) -> EncoderSource:
+    # heavy (mlflow, seconds to import): only for models:/ and runs:/ sources
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from ssl_dist import tracking
 
     _check_sqlite(tracking_uri)
     tracking.bound_http_client()
@@ -200,7 +114,10 @@ def _load_mlflow(uri: str, tracking_uri: str) -> EncoderSource:
         if m is None or not m["run_id"]:
             raise ConfigError(f"run URI {uri!r}: use runs:/<run id>/<artifact path>")
         download_uri, lineage = uri, {"uri": uri, "run_id": m["run_id"]}
-    with tempfile.TemporaryDirectory(prefix="ssl-dist-source-") as tmp, mlflow_uris(tracking_uri):
+    with (
+        tempfile.TemporaryDirectory(prefix="ssl-dist-source-") as tmp,
+        tracking.mlflow_uris(tracking_uri),
+    ):
         try:
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=download_uri, dst_path=tmp, tracking_uri=tracking_uri
@@ -211,8 +128,8 @@ def _load_mlflow(uri: str, tracking_uri: str) -> EncoderSource:
             raise
         except FileNotFoundError as e:
             raise ConfigError(f"cannot download {uri!r}: {e}") from None
-        tensors, cfg = read_tree(Path(local))  # read into memory before tmp goes
-    return EncoderSource(tensors, cfg, lineage)
+        found = read_artifact(local)  # read into memory before tmp goes
+    return EncoderSource(found.tensors, found.cfg, lineage)
 
 
 def load_source(uri: str, tracking_uri: str | None = None) -> EncoderSource:
@@ -229,8 +146,6 @@ def load_source(uri: str, tracking_uri: str | None = None) -> EncoderSource:
             weights are refused, never read), or an invalid ``config.yaml``.
     """
     if uri.startswith(("models:/", "runs:/")):
-        from ssl_dist import tracking
-
         try:
             resolved = tracking.resolve_uri(tracking_uri, DEFAULT_STORAGE)
         except ValueError as e:
@@ -244,5 +159,5 @@ def load_source(uri: str, tracking_uri: str | None = None) -> EncoderSource:
     path = Path(uri).expanduser()
     if not path.exists():
         raise ConfigError(f"model {uri!r} does not exist (not a models:/ or runs:/ URI either)")
-    tensors, cfg = read_tree(path)
-    return EncoderSource(tensors, cfg, {"uri": str(path.resolve())})
+    found = read_artifact(path)
+    return EncoderSource(found.tensors, found.cfg, {"uri": str(path.resolve())})

@@ -1,12 +1,12 @@
-"""Checkpoint contents beside DeepSpeed's shards: train state and the consolidated encoder.
+"""Checkpoint contents beside DeepSpeed's shards: train state and RNG states.
 
 Layout of one checkpoint directory (every rank writes its own DeepSpeed files into it)::
 
     deepspeed/            engine.save_checkpoint: model, optimizer shards, MoCo queue buffers
     train_state.json      step, epoch, batch in epoch, world size it was saved with (and its
                           history), run id slot
-    encoder.safetensors   fp32 online encoder, consolidated on rank 0 (safe to hand between jobs)
-    config.yaml           the resolved run config
+    encoder.safetensors   the encoder artifact (:mod:`ssl_dist.artifact`): fp32 online encoder,
+    config.yaml           consolidated on rank 0, and the resolved run config
     rng-rank{r}.safetensors   each rank's torch RNG state
 
 A checkpoint is complete only when `train_state.json` is there; it is written last, by rank 0.
@@ -15,15 +15,15 @@ A checkpoint is complete only when `train_state.json` is there; it is written la
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from ssl_dist.atomic import write_atomic
 
 STATE = "train_state.json"
-ENCODER = "encoder.safetensors"
 DEEPSPEED_DIR = "deepspeed"
 
 
@@ -57,35 +57,6 @@ class TrainState:
         return cls(**json.loads((Path(directory) / STATE).read_text()))
 
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def encoder_state(full_state: dict[str, torch.Tensor], prefix: str = "encoder.") -> dict:
-    """The online encoder's tensors from a full method state dict, contiguous fp32 copies."""
-    out = {
-        k[len(prefix) :]: v.detach().float().contiguous().clone()
-        for k, v in full_state.items()
-        if k.startswith(prefix)
-    }
-    if not out:
-        raise ValueError(f"no '{prefix}*' tensors in the state dict")
-    return out
-
-
-def save_encoder(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
-def load_encoder(path: Path) -> dict[str, torch.Tensor]:
-    """Encoder weights from safetensors: no pickle is ever loaded."""
-    return load_file(str(path))
-
-
 PROGRESS = "progress.json"
 """Last step reached, kept by rank 0 in the run directory (local or shared storage only)."""
 
@@ -111,7 +82,7 @@ def save_rng(directory: Path, rank: int) -> None:
     state = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state()
-    save_file(state, str(Path(directory) / rng_file(rank)))
+    write_atomic(Path(directory) / rng_file(rank), save(state))
 
 
 def load_rng(directory: Path, rank: int) -> bool:

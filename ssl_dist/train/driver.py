@@ -20,20 +20,36 @@ elastic.py``):
 * Steps since the last checkpoint are lost on every resize; ``run.checkpoint_every`` bounds
   them. The training loop re-shards the ZeRO state and adapts the batch, learning rate and stream
   position (see :mod:`ssl_dist.train.loop`).
+
+The driver also does what needs one process and the outside world: it resolves the warm start
+(`model.init_from`: a registry model, run artifact or checkpoint) once and hands its weights to
+every worker as safetensors bytes through Ray's object store, and at the end it encodes a sample
+of the val split with the trained encoder and hands it to tracking, which logs and registers
+the model.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ssl_dist.config import Config, ConfigError
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from ssl_dist import tracking
+from ssl_dist.artifact import CONFIG, build_encoder, read_config
+from ssl_dist.config import Config, ConfigError, flatten
 from ssl_dist.credentials import looks_secret
 from ssl_dist.data.stream import open_shards
+from ssl_dist.dist import zero
+from ssl_dist.evaluate.embedding import encoder_sample
+from ssl_dist.evaluate.source import load_source
 from ssl_dist.methods import METHODS
+from ssl_dist.train.checkpoint import is_complete
 
 
 def _storage_path(cfg: Config) -> str:
@@ -44,7 +60,7 @@ def _storage_path(cfg: Config) -> str:
 
 
 def _use_gpu(cfg: Config) -> bool:
-    import ray
+    import ray  # heavy (seconds): only once a run starts
 
     if cfg.scaling.use_gpu == "auto":
         return ray.cluster_resources().get("GPU", 0) > 0
@@ -53,7 +69,7 @@ def _use_gpu(cfg: Config) -> bool:
 
 def connect(cfg: Config) -> None:
     """Join `run.ray_address` (auto, ray://...) or start a local instance."""
-    import ray
+    import ray  # heavy (seconds): only once a run starts
 
     if ray.is_initialized():
         return
@@ -94,8 +110,6 @@ def check_elastic(cfg: Config) -> None:
             f"every size, not at {bad} (at {bad[0]}: {problems[bad[0]]})"
         )
     if cfg.run.max_failures == 0:
-        import warnings
-
         warnings.warn(
             "elastic run with run.max_failures=0: a node that leaves fails its workers, which "
             "ends the run instead of restarting it smaller; set run.max_failures",
@@ -103,15 +117,41 @@ def check_elastic(cfg: Config) -> None:
         )
 
 
-def build_trainer(cfg: Config, mlflow_run_id: str | None = None):
-    from ssl_dist.train.loop import train_loop_per_worker
+def warm_start(cfg: Config) -> dict[str, Tensor] | None:
+    """`model.init_from`'s encoder weights, or None without one. Read once, here: a registry
+    lookup or a download per worker would multiply the load on the tracking server. Weights
+    that do not fit `model.encoder` are refused here (exit 2), before any worker starts."""
+    if not cfg.model.init_from:
+        return None
+    source = load_source(cfg.model.init_from, tracking_uri=cfg.tracking.uri)
+    try:
+        build_encoder(cfg, source.tensors)
+    except ConfigError as e:
+        raise ConfigError(f"model.init_from={cfg.model.init_from}: {e}") from None
+    return source.tensors
+
+
+def build_trainer(
+    cfg: Config, mlflow_run_id: str | None = None, init: dict[str, Tensor] | None = None
+):
+    """The pretraining TorchTrainer. `init`: the warm start's weights (default: read from
+    `model.init_from` here); they reach the workers as ``init_weights``, safetensors bytes in
+    Ray's object store. Call after :func:`connect`."""
+    import ray  # heavy (seconds): only once a run starts
+
+    from ssl_dist.train.loop import train_loop_per_worker  # heavy: ray.train (seconds)
 
     check_elastic(cfg)
+    if init is None:
+        init = warm_start(cfg)
     limit = cfg.run.time_limit_s
     deadline = time.time() + limit if limit else None  # epoch seconds: every node compares
-    return make_trainer(
-        cfg, train_loop_per_worker, {"mlflow_run_id": mlflow_run_id, "deadline": deadline}
-    )
+    extra = {
+        "mlflow_run_id": mlflow_run_id,
+        "deadline": deadline,
+        "init_weights": ray.put(save_safetensors(init)) if init is not None else None,
+    }
+    return make_trainer(cfg, train_loop_per_worker, extra)
 
 
 def make_trainer(
@@ -123,6 +163,7 @@ def make_trainer(
 ):
     """A TorchTrainer running `loop` on `cfg`'s workers; the loop gets ``{"config": cfg as JSON,
     **extra}``. Refuses 16-bit precision without GPUs (exit 2)."""
+    # heavy (ray.train: seconds): only once a run starts
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -185,10 +226,8 @@ def resolve_paths(cfg: Config) -> Config:
         cfg.data.shards = [absolute(u) for u in cfg.data.shards]
     cfg.run.storage_path = _storage_path(cfg)
     if cfg.tracking.enabled:
-        from ssl_dist.tracking import resolve_uri
-
         try:
-            cfg.tracking.uri = resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
+            cfg.tracking.uri = tracking.resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
         except ValueError as e:
             raise ConfigError(str(e)) from None
     return cfg
@@ -201,18 +240,13 @@ RESUME_FIXED = ("method.name", "model", "zero.stage", "data.channels", "data.ima
 def check_continuation(cfg: Config) -> None:
     """Same run name again continues the run: refuse (exit 2) when the saved checkpoints were
     made by a config they cannot be loaded into. Only local storage can be inspected here."""
-    import yaml
-
-    from ssl_dist.config import flatten
-    from ssl_dist.train.checkpoint import is_complete
-
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     if "://" in cfg.run.storage_path or not run_dir.is_dir():
         return
     done = sorted(d for d in run_dir.glob("checkpoint_*") if is_complete(d))
     if not done:
         return
-    saved = Config.model_validate(yaml.safe_load((done[-1] / "config.yaml").read_text()))
+    saved = read_config(done[-1] / CONFIG)
     old, new = flatten(saved), flatten(cfg)
     changed = [k for k in new if k.startswith(RESUME_FIXED) and old.get(k) != new[k]]
     if changed:
@@ -223,33 +257,41 @@ def check_continuation(cfg: Config) -> None:
         )
 
 
-def run_pretrain(cfg: Config) -> Path | str:
-    """Train and return the path of the final checkpoint."""
-    return pretrain(cfg)[0]
-
-
 def pretrain(cfg: Config) -> tuple[str, dict]:
     """Train, then log the encoder to MLflow and register it; return the final checkpoint's
     path and the final metrics (with ``mlflow`` = run id, model URI and version, when logged)."""
     cfg = resolve_paths(cfg)
     open_shards(cfg.data)  # bad manifest / shard list: exit 2 here, before any worker starts
     check_continuation(cfg)
-    from ssl_dist.dist import zero
-
     try:
         zero.check_supported(cfg.zero, cfg.optim)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    from ssl_dist import tracking
-
+    init = warm_start(cfg)
     run_id = tracking.start_run(cfg)
     connect(cfg)
-    result = build_trainer(cfg, run_id).fit()
+    result = build_trainer(cfg, run_id, init).fit()
     if result.checkpoint is None:
         raise RuntimeError("training finished without a checkpoint")
     metrics = dict(result.metrics or {})
     with result.checkpoint.as_directory() as d:
-        logged = tracking.finish_run(cfg, Path(d), metrics)
+        logged = finish(cfg, Path(d), metrics)
     if logged:
         metrics["mlflow"] = logged
     return result.checkpoint.path, metrics
+
+
+def finish(cfg: Config, checkpoint_dir: Path, metrics: dict) -> dict | None:
+    """Tracking's end of the run (:func:`ssl_dist.tracking.finish_run`), handed a sample of the
+    val split's features and an input example when the run reached its last step. Bounded and
+    never raising, like tracking: an encoding failure costs the figure and the signature."""
+    if not cfg.tracking.enabled:
+        return None
+    sample = None
+    if metrics.get("step", 0) >= metrics.get("total_steps", 0):
+        sample = tracking.bounded(
+            lambda: encoder_sample(cfg, checkpoint_dir),
+            tracking.FINISH_TIMEOUT_S,
+            "encode the val split for the model's example",
+        )
+    return tracking.finish_run(cfg, checkpoint_dir, metrics, sample)

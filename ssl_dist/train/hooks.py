@@ -32,7 +32,9 @@ from typing import Any
 import ray.train
 import torch
 
-from ssl_dist.config import Config, to_yaml
+from ssl_dist.artifact import CONFIG, ENCODER, encoder_state, write_artifact
+from ssl_dist.atomic import write_atomic
+from ssl_dist.config import Config
 from ssl_dist.data.stream import EpochDamage
 from ssl_dist.dist import collectives, zero
 from ssl_dist.train import checkpoint as ckpt
@@ -248,17 +250,9 @@ class Checkpoints(Hook):
             full = zero.consolidated_state_dict(self.engine)  # a collective under ZeRO-3
             if self.rank == 0:
                 assert full is not None
-                meta = {
-                    "method": cfg.method.name,
-                    "encoder": cfg.model.encoder,
-                    "step": str(state.step),
-                    "in_chans": str(cfg.data.channels),
-                    "image_size": str(cfg.data.image_size),
-                }
-                ckpt.save_encoder(d / ckpt.ENCODER, ckpt.encoder_state(full), meta)
-                ckpt.write_atomic(d / "config.yaml", to_yaml(cfg))
+                write_artifact(d, encoder_state(full), cfg, step=str(state.step))
                 state.mlflow_run_id = self.tracker.run_id or state.mlflow_run_id
-                ckpt.write_atomic(d / ckpt.STATE, state.to_json())
+                write_atomic(d / ckpt.STATE, state.to_json())
                 self.tracker.checkpoint(d, state.step)
             metrics = {
                 "step": state.step,
@@ -397,7 +391,7 @@ class Tracker:
     def checkpoint(self, directory: Path, step: int) -> None:
         if self.logger is None:
             return
-        files = [directory / ckpt.ENCODER, directory / "config.yaml", directory / ckpt.STATE]
+        files = [directory / ENCODER, directory / CONFIG, directory / ckpt.STATE]
         self.logger.artifacts(files, f"checkpoints/step-{step:08d}")
 
     def close(self) -> None:

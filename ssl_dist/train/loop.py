@@ -19,6 +19,7 @@ from typing import Any
 
 import ray.train
 import torch
+from safetensors.torch import load as load_safetensors
 
 from ssl_dist.config import Config
 from ssl_dist.data.stream import open_shards, stream
@@ -64,7 +65,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if not state.world_sizes:  # a fresh run, or a checkpoint from before the history
             state.world_sizes.append([state.step, state.world_size])
         plan, micro = elastic_plan(cfg, shards, world_size, first_size=state.world_sizes[0][1])
-        method = build_model(cfg).to(device)
+        init = config.get("init_weights")  # the driver's warm start: safetensors bytes
+        weights = load_safetensors(ray.get(init)) if init is not None else None
+        method = build_model(cfg, weights).to(device)
         inputs = method.make_inputs(cfg, shards.manifest, device)
         optim = cfg.optim.model_copy(update={"grad_accum": micro})
         engine = zero.build_engine(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 from ssl_dist.config import Config, ConfigError
 from ssl_dist.data.shards import Manifest
@@ -24,22 +25,30 @@ def build_views(cfg: Config, manifest: Manifest) -> TwoViews:
     return views_for(cfg, manifest)
 
 
-def build_model(cfg: Config) -> SSLMethod:
-    """The method with its encoder, initialised from ``run.seed`` (same on every rank)."""
+def build_model(cfg: Config, init: dict[str, Tensor] | None = None) -> SSLMethod:
+    """The method with its encoder, initialised from ``run.seed`` (same on every rank).
+
+    Args:
+        cfg: The run config.
+        init: The warm start's encoder weights (`model.init_from`, resolved by the driver, see
+            :func:`ssl_dist.train.driver.warm_start`); loaded into the online encoder and its
+            momentum copy, heads start fresh. Required when `model.init_from` is set.
+    """
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg.method, cfg.model, cfg.data.channels, cfg.data.image_size)
-    if cfg.model.init_from:
-        warm_start(method, cfg)
+    if init is not None:
+        warm_start(method, init, cfg)
+    elif cfg.model.init_from:
+        raise ValueError(
+            f"model.init_from={cfg.model.init_from}: pass its weights (the driver resolves them)"
+        )
     return method
 
 
-def warm_start(method: SSLMethod, cfg: Config) -> None:
-    """Load `model.init_from`'s encoder into the online encoder and its momentum copy."""
-    from ssl_dist.evaluate.source import load_source
-
-    source = load_source(cfg.model.init_from or "", tracking_uri=cfg.tracking.uri)
+def warm_start(method: SSLMethod, tensors: dict[str, Tensor], cfg: Config) -> None:
+    """Load `tensors` into the online encoder and its momentum copy (strict)."""
     try:
-        method.encoder.load_state_dict(source.tensors, strict=True)
+        method.encoder.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
         raise ConfigError(
             f"model.init_from={cfg.model.init_from} does not fit model.{cfg.model.encoder}: {e}"

@@ -19,6 +19,7 @@ from ssl_dist.config import load_config
 from ssl_dist.data.shards import write_shards
 from ssl_dist.data.sources import digits
 from ssl_dist.train.checkpoint import STATE, TrainState
+from ssl_dist.train.driver import finish
 from tests.unit.test_finetune import RECIPES, init_tensors, write_checkpoint
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -62,7 +63,7 @@ def test_registered_model_loads_without_the_project(tmp_path, monkeypatch):
     uri = tracking.resolve_uri(None, cfg.run.storage_path)
     run_id = tracking.find_or_create_run(cfg, uri)
     (ckpt / STATE).write_text(TrainState(step=4, mlflow_run_id=run_id).to_json())
-    done = tracking.finish_run(cfg, ckpt, {"total_steps": 4})
+    done = finish(cfg, ckpt, {"step": 4, "total_steps": 4})  # the driver's end of a run
     assert done is not None and done["version"]
     model_uri = "models:/portable@champion"
 
@@ -75,6 +76,9 @@ def test_registered_model_loads_without_the_project(tmp_path, monkeypatch):
         assert any(r.startswith(f"{pkg}==") for r in reqs), (pkg, reqs)
     conf = yaml.safe_load(Path(local, "MLmodel").read_text())
     assert conf["flavors"]["python_function"]["code"] is not None
+    # The driver's val sample reached tracking: an input example and the signature.
+    assert conf["signature"]["inputs"] and conf["signature"]["outputs"]
+    assert Path(local, conf["saved_input_example_info"]["artifact_path"]).is_file()
     assert Path(local, "code", "ssl_dist_encoders.py").is_file()
 
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ssl_dist.train.checkpoint import STATE
-from ssl_dist.train.driver import run_pretrain
+from ssl_dist.train.driver import pretrain
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -57,7 +57,7 @@ def test_killed_worker_resumes_and_finishes(two_node_cluster, tiny_cfg, tmp_path
         args=(Path(cfg.run.storage_path) / "ft", 5, killed), daemon=True,
     )  # fmt: skip
     watcher.start()
-    final = Path(run_pretrain(cfg))
+    final = Path(pretrain(cfg)[0])
     watcher.join(timeout=5)
     assert killed, "the run finished before a worker could be killed"
     state = json.loads((final / STATE).read_text())

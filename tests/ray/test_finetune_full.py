@@ -8,10 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 from ssl_dist import tracking
-from ssl_dist.config import to_yaml
-from ssl_dist.evaluate.finetune import CLASSIFIER, EXPERIMENT, RESULTS, run_finetune
+from ssl_dist.artifact import ENCODER, read_artifact, write_artifact
+from ssl_dist.evaluate.finetune import EXPERIMENT, run_finetune
 from ssl_dist.models import build_encoder
-from ssl_dist.train.checkpoint import ENCODER, save_encoder
+from ssl_dist.train.finetune import CLASSIFIER, RESULTS
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
@@ -25,8 +25,7 @@ def test_full_finetune_two_workers_learns_and_is_logged(
     init = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size).state_dict()
     src = tmp_path / "source"
     src.mkdir()
-    save_encoder(src / ENCODER, {k: v.float() for k, v in init.items()}, {})
-    (src / "config.yaml").write_text(to_yaml(cfg))
+    write_artifact(src, {k: v.float() for k, v in init.items()}, cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
     r = run_finetune(str(src), digits_shards, "full", tracking_uri=uri, epochs=2, lr=0.3,
@@ -41,9 +40,9 @@ def test_full_finetune_two_workers_learns_and_is_logged(
     assert r["top1"] > 0.3 and r["top5"] >= r["top1"]  # 10 classes: chance is 0.1
     out = Path(r["checkpoint"])
     assert json.loads((out / RESULTS).read_text())["top1"] == pytest.approx(r["top1"])
-    tuned = load_file(str(out / ENCODER))
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    encoder.load_state_dict(tuned, strict=True)  # the fine-tuned encoder, ready to hand on
+    assert (out / ENCODER).is_file()
+    tuned = read_artifact(out).tensors
+    read_artifact(out).build_encoder()  # the fine-tuned encoder artifact, ready to hand on
     assert any(not torch.equal(tuned[k], init[k].float()) for k in tuned)  # the encoder moved
     assert {k.split(".")[0] for k in load_file(str(out / CLASSIFIER))} == {"encoder", "head"}
 

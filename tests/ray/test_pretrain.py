@@ -6,16 +6,18 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssl_dist.artifact import ENCODER, read_artifact, read_weights, write_artifact
 from ssl_dist.models import build_encoder
-from ssl_dist.train.checkpoint import ENCODER, STATE, load_encoder
-from ssl_dist.train.driver import run_pretrain
+from ssl_dist.train.checkpoint import STATE
+from ssl_dist.train.driver import pretrain
 from ssl_dist.train.parts import build_model
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 
-def _final(path) -> Path:
-    d = Path(path)
+def _final(result: tuple) -> Path:
+    """The final checkpoint of a `pretrain` result (path, metrics)."""
+    d = Path(result[0])
     assert (d / STATE).is_file() and (d / ENCODER).is_file()
     return d
 
@@ -32,12 +34,11 @@ def _final(path) -> Path:
 def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
     cfg = tiny_cfg(f"method.name={method}", f"zero.stage={stage}", "run.max_steps=2",
                    f"run.name={method}-z{stage}")  # fmt: skip
-    d = _final(run_pretrain(cfg))
+    d = _final(pretrain(cfg))
     state = json.loads((d / STATE).read_text())
     assert state["step"] == 2 and state["world_size"] == 2
-    weights = load_encoder(d / ENCODER)
-    encoder = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size)
-    encoder.load_state_dict(weights, strict=True)
+    weights = read_artifact(d).tensors
+    read_artifact(d).build_encoder()  # the artifact: its config and weights fit (strict)
     assert all(torch.isfinite(v).all() for v in weights.values())
     init = build_model(cfg).encoder.state_dict()  # the run's init: same seed, same weights
     moved = [k for k in weights if not torch.equal(weights[k], init[k].float())]
@@ -49,18 +50,18 @@ def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
 def test_resume_matches_uninterrupted(local_ray, tiny_cfg, method, stage):
     common = [f"method.name={method}", f"zero.stage={stage}", "run.max_steps=6",
               "run.checkpoint_every=100"]  # fmt: skip
-    straight = load_encoder(_final(run_pretrain(tiny_cfg(*common, "run.name=straight"))) / ENCODER)
-    first = _final(run_pretrain(tiny_cfg(*common, "run.name=split", "run.stop_at_step=3")))
+    straight = read_weights(_final(pretrain(tiny_cfg(*common, "run.name=straight"))) / ENCODER)
+    first = _final(pretrain(tiny_cfg(*common, "run.name=split", "run.stop_at_step=3")))
     stopped = json.loads((first / STATE).read_text())
     assert stopped["step"] == 3 and stopped["stopped"] == "stop_at_step"
-    last = _final(run_pretrain(tiny_cfg(*common, "run.name=split")))
+    last = _final(pretrain(tiny_cfg(*common, "run.name=split")))
     assert json.loads((last / STATE).read_text())["stopped"] is None
-    resumed = load_encoder(last / ENCODER)
+    resumed = read_weights(last / ENCODER)
     assert resumed.keys() == straight.keys()
     for k in straight:
         torch.testing.assert_close(resumed[k], straight[k], rtol=1e-6, atol=1e-7, msg=k)
     # And the run did move: the final weights differ from the step-3 ones.
-    halfway = load_encoder(first / ENCODER)
+    halfway = read_weights(first / ENCODER)
     assert any(not torch.equal(halfway[k], straight[k]) for k in straight)
 
 
@@ -71,7 +72,7 @@ def test_time_limit_stops_with_a_checkpoint(local_ray, tiny_cfg):
 
     limit = 20.0
     start = time.perf_counter()
-    d = _final(run_pretrain(tiny_cfg("run.name=timed", "run.epochs=100000", "run.max_steps=100000",
+    d = _final(pretrain(tiny_cfg("run.name=timed", "run.epochs=100000", "run.max_steps=100000",
                                      "run.checkpoint_every=100000",
                                      f"run.time_limit_s={limit}")))  # fmt: skip
     wall = time.perf_counter() - start
@@ -79,3 +80,23 @@ def test_time_limit_stops_with_a_checkpoint(local_ray, tiny_cfg):
     assert 1 <= state["step"] < 100000 and state["stopped"] == "time_limit"
     # Past the limit by at most a step, a checkpoint and the teardown.
     assert limit <= wall < limit + 40, wall
+
+
+def test_warm_start_reaches_every_worker(local_ray, tiny_cfg, tmp_path):
+    """model.init_from: the driver reads the source once and hands its weights to the workers
+    (through Ray's object store); the run starts from them, not from its seed's init."""
+    cfg = tiny_cfg("run.max_steps=1", "optim.lr=1e-12", "optim.weight_decay=0", "run.name=warm")
+    torch.manual_seed(123)  # another seed: weights unlike the run's own init
+    source = build_encoder(cfg.model, cfg.data.channels, cfg.data.image_size).state_dict()
+    source = {k: v.float() for k, v in source.items()}
+    write_artifact(tmp_path / "source", source, cfg)
+    cfg.model.init_from = str(tmp_path / "source")
+    weights = read_weights(_final(pretrain(cfg)) / ENCODER)
+    fresh = cfg.model_copy(deep=True)
+    fresh.model.init_from = None
+    init = build_model(fresh).encoder.state_dict()
+    convs = [k for k in source if "conv" in k and k.endswith("weight")]
+    assert convs
+    for k in convs:  # one step at a vanishing learning rate: still the source's weights
+        torch.testing.assert_close(weights[k], source[k], rtol=0, atol=1e-6, msg=k)
+        assert not torch.equal(weights[k], init[k].float())

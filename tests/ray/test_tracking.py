@@ -4,6 +4,7 @@ must not stop training or damage its Ray checkpoints."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import socket
 import threading
@@ -13,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from ssl_dist import tracking
-from ssl_dist.train.checkpoint import ENCODER, STATE, is_complete, load_encoder
+from ssl_dist.artifact import ENCODER, read_weights
+from ssl_dist.train.checkpoint import STATE, is_complete
 from ssl_dist.train.driver import pretrain
 from tests.mlflow_server import MlflowServer, free_port
 from tests.ray.test_fault_tolerance import _kill_a_worker_after_checkpoint
@@ -61,7 +63,9 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["method.name"] == "simclr"
-    assert run.data.tags["ssl_dist.data_manifest_sha256"]
+    # The manifest is named by its file's bytes, on the run and on the registered version.
+    digest = hashlib.sha256(Path(cfg.data.manifest).read_bytes()).hexdigest()
+    assert run.data.tags["ssl_dist.data_manifest_sha256"] == digest
     assert run.data.tags["git.sha"] and run.data.tags["version.ray"]
     c = tracking.client(uri)
     # A continuous step axis: every step 1..LAST logged (steps redone after the kill, again).
@@ -75,13 +79,14 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     ckpts = {a.path for a in c.list_artifacts(run_id, "checkpoints")}
     assert {"checkpoints/step-00000004", f"checkpoints/step-{LAST:08d}"} <= ckpts
     saved = c.download_artifacts(run_id, f"checkpoints/step-{LAST:08d}/{ENCODER}")
-    final = load_encoder(Path(path) / ENCODER)
-    assert load_encoder(Path(saved)).keys() == final.keys()
+    final = read_weights(Path(path) / ENCODER)
+    assert read_weights(Path(saved)).keys() == final.keys()
     figures = {a.path for a in c.list_artifacts(run_id, "figures")}
     assert figures == {"figures/loss_lr.png", "figures/embedding_pca.png"}
 
     version = c.get_model_version_by_alias("tiny-encoder", "candidate")
     assert version.run_id == run_id and version.tags["ssl_dist.step"] == str(LAST)
+    assert version.tags["ssl_dist.data_manifest_sha256"] == digest
     assert metrics["mlflow"]["registered"] == "models:/tiny-encoder@candidate"
 
     # The registered model serves features through MLflow's own loader (no pickle involved).
@@ -157,4 +162,4 @@ def _intact(path, steps: int) -> None:
     d = Path(path)
     assert is_complete(d)
     assert json.loads((d / STATE).read_text())["step"] == steps
-    assert load_encoder(d / ENCODER)
+    assert read_weights(d / ENCODER)

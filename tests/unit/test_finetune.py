@@ -12,20 +12,15 @@ import pytest
 import torch
 
 from ssl_dist import tracking
+from ssl_dist.artifact import CONFIG, ENCODER, encoder_state, write_artifact
 from ssl_dist.config import Config, ConfigError, load_config, to_yaml
 from ssl_dist.data.shards import write_shards
 from ssl_dist.data.sources import digits
-from ssl_dist.evaluate.finetune import (
-    EXPERIMENT,
-    WD_GRID,
-    linear_probe,
-    probe_features,
-    run_finetune,
-)
+from ssl_dist.evaluate.finetune import EXPERIMENT, run_finetune
+from ssl_dist.evaluate.probe import WD_GRID, linear_probe, probe_features
 from ssl_dist.evaluate.source import EncoderSource, load_source
 from ssl_dist.models import build_encoder
 from ssl_dist.train import local, parts
-from ssl_dist.train.checkpoint import ENCODER, encoder_state, save_encoder
 
 pytestmark = pytest.mark.unit
 
@@ -65,8 +60,7 @@ def init_tensors(cfg: Config) -> dict[str, torch.Tensor]:
 
 def write_checkpoint(d: Path, tensors: dict[str, torch.Tensor], cfg: Config) -> Path:
     d.mkdir(parents=True)
-    save_encoder(d / ENCODER, tensors, {"encoder": cfg.model.encoder})
-    (d / "config.yaml").write_text(to_yaml(cfg))
+    write_artifact(d, tensors, cfg)
     return d
 
 
@@ -163,7 +157,7 @@ def test_finetune_refuses_pickled_weights(tmp_path, digits_dir, kind):
     assert control.exists()  # the payload is live: unpickling it would leave the marker
     d = tmp_path / "ckpt"
     d.mkdir()
-    (d / "config.yaml").write_text(to_yaml(cfg))
+    (d / CONFIG).write_text(to_yaml(cfg))
     if kind == "torch-save-renamed":
         torch.save({"stem.weight": _Payload(marker)}, d / ENCODER)
     elif kind == "pickle-renamed":
@@ -229,7 +223,7 @@ def test_registered_model_sources_lineage_and_tags(tmp_path, digits_dir, monkeyp
         mlflow.log_artifacts(str(ckpt), "checkpoint")
         info = mlflow.pyfunc.log_model(
             name="encoder", python_model=str(code), pip_requirements=["torch"],
-            artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / "config.yaml")},
+            artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / CONFIG)},
             registered_model_name="digits-encoder",
         )  # fmt: skip
     version = str(info.registered_model_version)

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ssl_dist.config import load_config
-from ssl_dist.retrain import LockHeld, RetrainLock, newest_manifest, run_key
+from ssl_dist.retrain_lock import LockHeld, RetrainLock
 
 
 @pytest.mark.unit
@@ -68,6 +68,10 @@ def test_a_lock_taken_over_is_not_released_by_its_old_holder(tmp_path):
 
 @pytest.mark.unit
 def test_newest_manifest_and_run_key(tmp_path):
+    # Here, not at the top: the race below preloads this module in every contender, and the
+    # retrain job loads torch, Ray's driver side and MLflow's client.
+    from ssl_dist.retrain import newest_manifest, run_key
+
     for i, name in enumerate(
         ["2026-01/manifest.json", "2026-03/manifest.json", "2026-02/manifest.json"]
     ):
