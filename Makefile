@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 LOCK := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install lock test demo retrain-e2e bench lint format clean
+.PHONY: install lock test test-fast demo retrain-e2e bench lint format clean
 
 install: $(STAMP)
 
@@ -36,6 +36,10 @@ lock:
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The pure, quick tests (marker `unit`): seconds, no processes, Ray or servers.
+test-fast: install
+	$(BIN)/python -m pytest -q -m unit
+
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh
 
@@ -47,14 +51,16 @@ bench: install
 	$(BIN)/ssl-dist bench loss
 	$(BIN)/ssl-dist bench train
 
+# ruff, mypy, and the layer contract (pyproject's [tool.importlinter]: imports point down).
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: install
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf work bench-results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf work bench-results .pytest_cache .mypy_cache .ruff_cache .import_linter_cache .grimp_cache
