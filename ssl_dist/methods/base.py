@@ -23,7 +23,7 @@ Training-loop contract (:func:`ssl_dist.train.runtime.run_steps` is the one loop
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -34,8 +34,14 @@ from ssl_dist.data.shards import Manifest
 from ssl_dist.data.views import TwoViewInputs, views_for
 from ssl_dist.models import ema_update
 
-if TYPE_CHECKING:
-    from ssl_dist.train.runtime import Inputs
+
+class Inputs(Protocol):
+    """Builds a task's forward arguments on the device from a decoded batch (a task owns its
+    inputs): ``inputs(batch, seed) -> tuple of tensors``; `seed` makes the augmentation
+    reproducible."""
+
+    def __call__(self, batch: Any, seed: int) -> tuple[Tensor, ...]: ...
+
 
 UNIFORMITY_T = 2.0
 """Temperature t of the uniformity metric (Wang & Isola 2020 use t = 2)."""

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ssl_dist.methods.base import Inputs
 from ssl_dist.optim import lr_at
 
 
@@ -64,12 +65,6 @@ class Schedule:
     def lr(self, step: int) -> float:
         """Learning rate of optimizer step `step` (0-based)."""
         return lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps, self.min_lr_ratio)
-
-
-class Inputs(Protocol):
-    """Builds a task's inputs on the device from a decoded batch (a task owns its inputs)."""
-
-    def __call__(self, batch: Any, seed: int) -> tuple[Tensor, ...]: ...
 
 
 # ---------------------------------------------------------------------------------- backends
