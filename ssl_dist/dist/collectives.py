@@ -1,9 +1,8 @@
 """Collectives used by the contrastive losses and the trainer.
 
-This module (and later ``ssl_dist.dist.zero``) is the only place that imports
-``torch.distributed``; everything else asks here. Every function falls back to the
-single-process answer when no process group is initialised, so losses and methods run
-unchanged in unit tests and on one CPU.
+Outside :mod:`ssl_dist.dist` nothing imports ``torch.distributed``; everything else asks here.
+Every function falls back to the single-process answer when no process group is initialised,
+so losses and methods run unchanged in unit tests and on one CPU.
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from ssl_dist.artifact import CONFIG, ENCODER, encoder_state, write_artifact
 from ssl_dist.atomic import write_atomic
 from ssl_dist.config import Config
 from ssl_dist.data.stream import EpochDamage
-from ssl_dist.dist import collectives, zero
+from ssl_dist.dist import collectives, memory, zero
 from ssl_dist.train import checkpoint as ckpt
 from ssl_dist.train.runtime import Hook, Schedule, Step
 
@@ -227,10 +227,10 @@ class Checkpoints(Hook):
     def _final_metrics(self) -> dict:
         """Throughput and per-rank memory at the end of a run (max over ranks: a collective)."""
         rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        state_mb = zero.state_bytes(self.engine) / 2**20
+        state_mb = memory.state_bytes(self.engine) / 2**20
         peak = collectives.all_reduce_max(torch.tensor([rss_mb, state_mb], dtype=torch.float64))
         module = self.engine.module
-        formula = zero.zero_formula_bytes(module, self.cfg.zero.stage, self.world_size) / 2**20
+        formula = memory.zero_formula_bytes(module, self.cfg.zero.stage, self.world_size) / 2**20
         return {
             **self.speed.summary(),
             "peak_rss_mb": peak[0].item(),

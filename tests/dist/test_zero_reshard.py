@@ -4,7 +4,7 @@ A reference world of 2 trains ``N`` steps, saves, and trains ``2 * M`` more. Its
 then loaded by worlds of 1 and 3 ranks (``zero.load(..., reshard=True)``), which train the next
 ``M`` steps on the same global batches; the world of 3 saves again and a world of 2 loads that
 ("and back") and trains the last ``M`` steps. Compared with the reference, with a world-size
-independent view (``zero.consolidated_optimizer_state`` / ``consolidated_state_dict``):
+independent view (``_optimizer_state`` below / ``zero.consolidated_state_dict``):
 
 * right after the load: module weights, the frozen momentum copy, the queue buffer, the step
   counters and the optimizer state (SGD momentum, AdamW moments and step) are the saved ones;
@@ -120,12 +120,72 @@ def _train(engine: Any, rank: int, world_size: int, steps: range) -> None:
         engine.module.enqueue(y[:2])
 
 
+def _optimizer_state(engine: Any) -> dict[str, dict[str, Tensor]] | None:
+    """The optimizer state per trainable parameter, whole, on rank 0 (``None`` elsewhere).
+
+    ``{name: {key: tensor}}``: element-wise state (``momentum_buffer``, ``exp_avg``...) in the
+    parameter's shape (float32, CPU), per-group scalars (AdamW's ``step``) as they are: a view
+    independent of the world size. Every rank must call it (one all-reduce per state key). Each
+    rank writes the pieces its flat partitions hold into a zero buffer of every parameter; the
+    pieces of all ranks tile the parameters, so the sum over ranks is the whole state. The live
+    layout is read through re-sharding's own helpers; the next steps matching the un-resharded
+    run are what check that layout independently.
+    """
+    import torch.distributed as dist
+
+    from ssl_dist.dist.reshard import _flat_groups, _is_partitioned_state, _pieces, _zero_optimizer
+
+    module: nn.Module = engine.module
+    trainable = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    rank0 = dist.get_rank() == 0
+
+    def copy(value: Any) -> Any:
+        return value.detach().to("cpu", copy=True) if isinstance(value, Tensor) else value
+
+    base = _zero_optimizer(engine).optimizer
+    names = {id(p): n for n, p in trainable}
+    groups = _flat_groups(engine)
+    local = {
+        k for flat, _ in groups for k, v in base.state[flat].items() if _is_partitioned_state(v)
+    }
+    every: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(every, sorted(local))
+    keys = sorted({k for ks in every for k in ks})
+    sizes = {n: getattr(p, "ds_numel", p.numel()) for n, p in trainable}
+    offsets, total = {}, 0
+    for n, size in sizes.items():
+        offsets[n], total = total, total + size
+    out: dict[str, dict[str, Tensor]] = {n: {} for n in sizes}
+    pieces = _pieces(engine, names)
+    for key in keys:
+        buf = torch.zeros(total, dtype=torch.float32, device=groups[0][0].device)
+        for piece in pieces:
+            src = base.state[piece.flat].get(key)
+            if src is not None:
+                start = offsets[piece.name] + piece.full_start
+                buf.narrow(0, start, piece.length).copy_(
+                    src.narrow(0, piece.flat_start, piece.length)
+                )
+        dist.all_reduce(buf)  # every element is held by exactly one rank
+        if rank0:
+            for n, p in trainable:
+                shape = getattr(p, "ds_shape", p.shape)
+                out[n][key] = buf.narrow(0, offsets[n], sizes[n]).reshape(shape).cpu().clone()
+    if not rank0:
+        return None
+    for flat, params in groups:
+        scalars = {k: v for k, v in base.state[flat].items() if not _is_partitioned_state(v)}
+        for p in params:
+            out[names[id(p)]].update({k: copy(v) for k, v in scalars.items()})
+    return out
+
+
 def _snapshot(engine: Any) -> dict[str, Any] | None:
     """Module state and optimizer state on rank 0 (collectives: every rank calls it)."""
     from ssl_dist.dist import zero
 
     module = zero.consolidated_state_dict(engine)
-    optim = zero.consolidated_optimizer_state(engine)
+    optim = _optimizer_state(engine)
     if module is None:
         return None
     return {"module": module, "optim": optim, "global_steps": engine.global_steps}

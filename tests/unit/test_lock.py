@@ -12,7 +12,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from ssl_dist.dist.zero import RESHARD_TESTED_DEEPSPEED, check_reshard_support
+from ssl_dist.dist.reshard import RESHARD_TESTED_DEEPSPEED, check_reshard_support
 
 pytestmark = pytest.mark.unit
 
