@@ -11,8 +11,6 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from ssl_dist.dist.zero import is_partitioned
-
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
 
@@ -20,9 +18,10 @@ if TYPE_CHECKING:
 def state_bytes(engine: DeepSpeedEngine) -> int:
     """Bytes of parameters and optimizer state this rank holds (each storage counted once).
 
-    Counts the module's parameters (this rank's partition under ZeRO-3), the tensors the base
-    optimizer updates (fp32 master partitions under ZeRO 1-3, the parameters under stage 0) and
-    its state (e.g. momentum buffers). Gradients are transient and left out.
+    Counts the module's parameters (under ZeRO-3 this rank's partition, plus the full copy of a
+    "persistent" parameter), the tensors the base optimizer updates (fp32 master partitions
+    under ZeRO 1-3, the parameters under stage 0) and its state (e.g. momentum buffers).
+    Gradients are transient and left out.
     """
     seen: dict[int, int] = {}
 
@@ -31,12 +30,16 @@ def state_bytes(engine: DeepSpeedEngine) -> int:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
 
     for p in engine.module.parameters():
-        add(getattr(p, "ds_tensor", None) if is_partitioned(p) else p.data)
+        add(p.data)  # empty under ZeRO-3 outside forward, unless the parameter is persistent
+        add(getattr(p, "ds_tensor", None))  # this rank's ZeRO-3 partition
     base = getattr(engine.optimizer, "optimizer", engine.optimizer)
     for group in base.param_groups:
         for p in group["params"]:
             add(p.data)
-    for state in base.state.values():
+    # ZeRO-3 puts its fp32 partitions in param_groups only during the step; the state is keyed
+    # by them all the same.
+    for param, state in base.state.items():
+        add(param)
         for v in state.values():
             add(v)
     return sum(seen.values())

@@ -153,7 +153,7 @@ def _train(engine: Any, rank: int, steps: range, accum: int, ema_errors: list[fl
 
 
 def _world(rank: int, world_size: int, root: str) -> dict[str, Any]:
-    from ssl_dist.dist import zero
+    from ssl_dist.dist import memory, zero
 
     results: dict[str, Any] = {}
     for name, case in CASES.items():
@@ -175,6 +175,8 @@ def _world(rank: int, world_size: int, root: str) -> dict[str, Any]:
         out["tag"] = zero.save(engine, directory, {"step": N, "note": name})
         _train(engine, rank, range(N, TOTAL), accum, out["ema_errors"])
         out["lr"] = [float(g["lr"]) for g in engine.optimizer.param_groups]
+        out["state_bytes"] = memory.state_bytes(engine)
+        out["formula_bytes"] = memory.zero_formula_bytes(model, zero_cfg.stage, world_size)
         out["trained"] = zero.consolidated_state_dict(engine)
 
         resumed_model = TinyMoCo(seed=1)  # different weights: the load must replace them all
@@ -293,6 +295,21 @@ def test_load_without_checkpoint_raises(tmp_path: Path) -> None:
         zero.load(_StubEngine(0, 1), tmp_path)  # type: ignore[arg-type]
     with pytest.raises(FileNotFoundError, match="no DeepSpeed checkpoint 'step9'"):
         zero.load(_StubEngine(0, 1), tmp_path, tag="step9")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("precision") != "bf16"])
+def test_state_bytes_follow_the_zero_formula(world, name: str) -> None:
+    # fp32: the measured parameter + optimizer bytes of a rank are the ZeRO paper's (SGD with
+    # momentum) plus AdamW's second moment, up to partition padding and AdamW's step counters.
+    results, _ = world
+    case = CASES[name]
+    trainable = sum(p.numel() for p in TinyMoCo().online.parameters())
+    partitions = WORLD if case["stage"] else 1
+    second_moment = 4 * trainable // partitions if case["optim"] == "adamw" else 0
+    for rank in range(WORLD):
+        out = results[rank][name]
+        expected = out["formula_bytes"] + second_moment
+        assert expected <= out["state_bytes"] <= expected + 64, (rank, out["state_bytes"])
 
 
 def test_zero3_partitions_frozen_momentum_encoder(world) -> None:
