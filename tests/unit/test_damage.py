@@ -14,6 +14,7 @@ from webdataset import autodecode
 
 import ssl_dist.data.stream as stream_mod
 from ssl_dist.config import ConfigError, DataConfig, load_config
+from ssl_dist.data.damage import EpochDamage
 from ssl_dist.data.shards import verify
 from ssl_dist.data.stream import stream
 
@@ -151,7 +152,7 @@ def test_counts_gathered_for_mlflow(make_shards):
     ranks = [stream(cfg, r, 2, 0) for r in range(2)]
     for s in ranks:
         list(s)
-    damage = stream_mod.EpochDamage.from_rows(
+    damage = EpochDamage.from_rows(
         torch.stack([s.stats.row(names) for s in ranks]), names
     )
     hit = next(r for r, s in enumerate(ranks) if s.stats.shards)
