@@ -35,7 +35,7 @@ import torch
 from ssl_dist.artifact import CONFIG, ENCODER, encoder_state, write_artifact
 from ssl_dist.atomic import write_atomic
 from ssl_dist.config import Config
-from ssl_dist.data.stream import EpochDamage
+from ssl_dist.data.damage import EpochDamage
 from ssl_dist.dist import collectives, memory, zero
 from ssl_dist.train import checkpoint as ckpt
 from ssl_dist.train.runtime import Hook, Schedule, Step
