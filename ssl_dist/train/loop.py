@@ -34,10 +34,10 @@ from ssl_dist.train.hooks import (
     Progress,
     Speed,
     StopAgreement,
-    Tracker,
 )
 from ssl_dist.train.parts import build_model, view_seed
 from ssl_dist.train.runtime import DeepSpeedBackend, run_steps
+from ssl_dist.train.tracker import Tracker
 
 
 def _device(cfg: Config) -> torch.device:

@@ -248,7 +248,8 @@ def test_epoch_counts_logged_to_mlflow_by_rank_zero(make_shards, tmp_path, capsy
 
     from ssl_dist import tracking
     from ssl_dist.train import checkpoint as ckpt
-    from ssl_dist.train.hooks import DataReport, Tracker
+    from ssl_dist.train.hooks import DataReport
+    from ssl_dist.train.tracker import Tracker
 
     out, _ = make_shards(40, 10)
     _truncate(out / "train-000001.tar")
