@@ -27,41 +27,29 @@ the stem plus the strided 1x1 shortcuts. The supervised run starts from the same
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import kornia.augmentation as K
-import torch
-import torch.nn.functional as F
 import typer
-from torch import Tensor, nn
 
 from ssl_dist import tracking
-from ssl_dist.artifact import read_artifact
-from ssl_dist.atomic import write_atomic
-from ssl_dist.bench.report import table, torch_threads, write
-from ssl_dist.config import Config, ConfigError, DataConfig, load_config
-from ssl_dist.data.shards import MANIFEST, manifest_sha256, read_manifest, write_shards
+from ssl_dist.bench.features import Evaluator, checkpoint_encoder, train_supervised
+from ssl_dist.bench.quality_report import log_mlflow, plot
+from ssl_dist.bench.report import table, write
+from ssl_dist.config import Config, ConfigError, load_config
+from ssl_dist.data.shards import MANIFEST, read_manifest, write_shards
 from ssl_dist.data.sources import FASHION_MNIST_DIR, fashion_mnist
-from ssl_dist.data.stream import open_shards, stream
-from ssl_dist.data.views import views_for
-from ssl_dist.evaluate.knn import knn_predict
-from ssl_dist.evaluate.probe import WD_GRID, probe_features
+from ssl_dist.data.stream import open_shards
 from ssl_dist.evaluate.source import DEFAULT_STORAGE
-from ssl_dist.methods.classify import Classifier, ClassifyInputs
-from ssl_dist.optim import param_groups
 from ssl_dist.train.checkpoint import STATE, TrainState, is_complete
 from ssl_dist.train.driver import build_trainer, connect, pretrain, resolve_paths
-from ssl_dist.train.parts import build_model, plan_steps, view_seed
-from ssl_dist.train.runtime import Position, Recorder, Schedule, TimeLimit, TorchBackend, run_steps
+from ssl_dist.train.parts import plan_steps
 
 RECIPE = Path("launch/recipes/fashion-mnist-cpu.yaml")
 METHODS = ("simclr", "moco_v3")
@@ -79,8 +67,6 @@ CHECKPOINT_S = 1.5
 """Allowance per extra checkpoint when planning steps (DeepSpeed save + Ray persist)."""
 FINAL_SAVE_S = 5.0
 """Seconds kept back from the budget for the last step and checkpoint after the time limit."""
-EVAL_BATCH = 500
-EXPERIMENT = "ssl-dist-bench"
 COLUMNS = ["encoder", "method", "train_s", "step", "epochs", "probe_top1", "knn_top1",
            "probe_wd", "vs_raw", "vs_init"]  # fmt: skip
 
@@ -114,137 +100,6 @@ def prepare_shards(work: Path, root: Path, samples_per_shard: int = 1000) -> Pat
             pass
     write_shards(fashion_mnist(root), out, samples_per_shard, overwrite=True)
     return (out / MANIFEST).resolve()
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-@dataclass
-class Labelled:
-    images: Tensor
-    """uint8 ``[N, C, H, W]`` at the recipe's image size (decoded as the stream decodes)."""
-    labels: Tensor
-
-
-def load_split(data: DataConfig, split: str) -> Labelled:
-    """Every sample of `split`, decoded once into memory (Fashion-MNIST: 55 MB at 28 px)."""
-    xs, ys = [], []
-    cfg = data.model_copy(update={"batch_size": 1000})
-    for batch in stream(cfg, 0, 1, 0, split=split, partial=True):
-        xs.append(batch.images)
-        ys.append(batch.labels)
-    if not ys:
-        raise ConfigError(f"split {split!r} of {data.manifest} is empty")
-    return Labelled(torch.cat(xs), torch.cat(ys))
-
-
-@torch.no_grad()
-def encode(encoder: nn.Module, images: Tensor, views: Any, batch: int = EVAL_BATCH) -> Tensor:
-    """Frozen features of the un-augmented view (``views.plain``), BN in eval mode."""
-    was = encoder.training
-    encoder.eval()
-    try:
-        return torch.cat([encoder(views.plain(x)).float() for x in images.split(batch)])
-    finally:
-        encoder.train(was)
-
-
-def raw_pixels(images: Tensor, views: Any, size: int | None = None) -> Tensor:
-    """Raw pixels, normalised like the encoder's input (optionally resized), flattened."""
-    x = views.plain(images)
-    if size is not None and size != x.shape[-1]:
-        x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
-    return x.flatten(1)
-
-
-def evaluate_features(
-    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
-    max_iter: int = 300,
-) -> dict[str, Any]:  # fmt: skip
-    """The project's linear probe and the kNN monitor on the same features."""
-    start = time.perf_counter()
-    r = probe_features(train_x, train_y, val_x, val_y, num_classes, max_iter=max_iter)
-    probe_s = time.perf_counter() - start
-    knn = knn_predict(train_x, train_y, val_x, num_classes).argmax(1)
-    return {"probe_top1": r["top1"], "probe_top5": r["top5"], "probe_wd": r["weight_decay"],
-            "knn_top1": (knn == val_y).float().mean().item(), "feature_dim": r["feature_dim"],
-            "probe_s": probe_s}  # fmt: skip
-
-
-class Evaluator:
-    """Holds the labelled splits and the plain view; scores encoders and raw pixels.
-
-    With `cache_dir`, the two baselines that do not depend on training (raw pixels, random
-    init) are kept in ``baselines.json`` keyed by the manifest digest and everything that
-    determines them, and reused by later runs (marked ``cached``)."""
-
-    def __init__(self, cfg: Config, threads: int = 1, cache_dir: Path | None = None) -> None:
-        self.cfg = cfg
-        shards = open_shards(cfg.data)
-        self.manifest_sha256 = manifest_sha256(cfg.data.manifest)
-        self.num_classes = len(shards.manifest.classes)
-        self.views = views_for(cfg, shards.manifest)
-        self.threads = threads
-        self.cache = cache_dir / "baselines.json" if cache_dir is not None else None
-        start = time.perf_counter()
-        self.train = load_split(cfg.data, cfg.data.split)
-        self.val = load_split(cfg.data, cfg.data.val_split)
-        self.load_s = time.perf_counter() - start
-
-    def _score(self, train_x: Tensor, val_x: Tensor) -> dict[str, Any]:
-        return evaluate_features(train_x, self.train.labels, val_x, self.val.labels,
-                                 self.num_classes)  # fmt: skip
-
-    def encoder(self, encoder: nn.Module) -> dict[str, Any]:
-        with torch_threads(self.threads):
-            start = time.perf_counter()
-            tx = encode(encoder, self.train.images, self.views)
-            vx = encode(encoder, self.val.images, self.views)
-            encode_s = time.perf_counter() - start
-            return {**self._score(tx, vx), "encode_s": encode_s}
-
-    def pixels(self, size: int | None = None) -> dict[str, Any]:
-        def score() -> dict[str, Any]:
-            with torch_threads(self.threads):
-                tx = raw_pixels(self.train.images, self.views, size)
-                vx = raw_pixels(self.val.images, self.views, size)
-                return self._score(tx, vx)
-
-        return self._cached({"kind": "raw", "size": size or self.cfg.data.image_size}, score)
-
-    def random_init(self) -> dict[str, Any]:
-        key = {"kind": "init", "model": self.cfg.model.model_dump(mode="json"),
-               "method": self.cfg.method.name, "seed": self.cfg.run.seed,
-               "size": self.cfg.data.image_size, "channels": self.cfg.data.channels}  # fmt: skip
-        return self._cached(key, lambda: self.encoder(init_encoder(self.cfg)))
-
-    def _cached(self, key: dict[str, Any], score: Callable[[], dict[str, Any]]) -> dict[str, Any]:
-        if self.cache is None:
-            return score()
-        full = {**key, "manifest": self.manifest_sha256, "wd_grid": list(WD_GRID),
-                "view": self.cfg.views.normalize}  # fmt: skip
-        digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
-        try:
-            saved = json.loads(self.cache.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        if digest in saved:
-            return {**saved[digest], "cached": True}
-        result = score()
-        saved[digest] = result
-        self.cache.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.cache, json.dumps(saved, indent=1))
-        return result
-
-
-def init_encoder(cfg: Config) -> nn.Module:
-    """The encoder exactly as training starts it (seed, method constructor, zero-init)."""
-    return build_model(cfg).encoder
-
-
-def checkpoint_encoder(directory: Path) -> nn.Module:
-    """The encoder of a checkpoint (its artifact)."""
-    return read_artifact(directory).build_encoder()
 
 
 # ---------------------------------------------------------------- pretraining on a time budget
@@ -363,135 +218,6 @@ def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     return Pretrained(c.method.name, c, points, wall, metrics, steps,
                       steps * plan.global_batch / max(n_train, 1),
                       TrainState.read(last).stopped if last else None)  # fmt: skip
-
-
-# ---------------------------------------------------------------- supervised reference
-
-
-@dataclass
-class Supervised:
-    encoder: nn.Module
-    steps: int
-    seconds: float
-    epochs: float
-    head_top1: float
-    images_s: float
-
-
-def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, budget_s: float,
-                     threads: int = 2, batch_size: int = 256, lr: float = 0.2,
-                     weight_decay: float = 5e-4, seed: int = 0) -> Supervised:  # fmt: skip
-    """The same encoder (same init) + the fine-tuning head (:class:`Classifier`), cross-entropy,
-    SGD with Nesterov momentum, trained through the project's step loop in this process
-    (`threads` threads): random resized crop (scale 0.5-1) and flip on the device; warm-up and
-    cosine (:func:`ssl_dist.optim.lr_at`) over the steps that fit `budget_s`, estimated from the
-    first steps' speed; a time limit stops it when the budget is spent."""
-    with torch_threads(threads):
-        encoder = init_encoder(cfg)
-        model = Classifier(encoder, int(train.labels.max()) + 1)
-        size = cfg.data.image_size
-        aug = nn.Sequential(K.RandomResizedCrop((size, size), scale=(0.5, 1.0)),
-                            K.RandomHorizontalFlip())  # fmt: skip
-        opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9,
-                              nesterov=True)  # fmt: skip
-        n = len(train.labels)
-        batch_size = min(batch_size, n)
-
-        def batches(epoch: int):
-            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-            for i in range(0, n - batch_size + 1, batch_size):
-                idx = order[i : i + batch_size]
-                yield Labelled(train.images[idx], train.labels[idx])
-
-        backend, inputs = TorchBackend(model, opt), ClassifyInputs(views, "cpu", aug)
-        state, recorder, warmup, probe_steps = Position(), Recorder(), 10, 8
-        start = time.perf_counter()
-        limit = TimeLimit(time.monotonic() + budget_s)
-
-        def run(total: int) -> None:
-            schedule = Schedule(total, lr, warmup)
-            run_steps(backend, inputs, batches, schedule, state, [limit, recorder],
-                      seed=lambda epoch, i: view_seed(seed, epoch, i, 0))  # fmt: skip
-
-        run(probe_steps)  # all of it warm-up: the schedule's length does not matter yet
-        elapsed = time.perf_counter() - start
-        if state.stopped is None:  # fit the cosine to the time that is left
-            run(probe_steps + int((budget_s - elapsed) / (elapsed / probe_steps)))
-        seconds = time.perf_counter() - start
-        with torch.no_grad():
-            model.eval()
-            logits = torch.cat([model.logits(views.plain(x)) for x in val.images.split(EVAL_BATCH)])
-        top1 = (logits.argmax(1) == val.labels).float().mean().item()
-    images = recorder.images
-    return Supervised(encoder, state.step, seconds, images / n, top1, images / seconds)
-
-
-# ---------------------------------------------------------------- outputs
-
-
-def plot(out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, float],
-         title: str) -> Path:  # fmt: skip
-    """Probe top-1 (solid) and kNN top-1 (dashed) against training minutes, with baselines."""
-    import matplotlib  # heavy (a second): only for the plot at the end
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in curves.items():
-        t = [r["train_s"] / 60 for r in rows]
-        (line,) = ax.plot(t, [100 * r["probe_top1"] for r in rows], "o-", label=f"{name} probe")
-        ax.plot(t, [100 * r["knn_top1"] for r in rows], "x--", color=line.get_color(),
-                alpha=0.6, label=f"{name} kNN")  # fmt: skip
-    styles = ["k:", "r-.", "g--", "b:", "m-."]
-    for (name, value), style in zip(lines.items(), styles * 3, strict=False):
-        ax.axhline(100 * value, linestyle=style[1:], color=style[0], linewidth=1, label=name)
-    ax.set_xlabel("pretraining wall-clock (min)")
-    ax.set_ylabel("top-1 on the 10k test set (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
-
-
-def log_mlflow(uri: str, doc: dict[str, Any], files: Sequence[Path], timeout_s: float = 60.0,
-               linked_runs: Sequence[str] = ()) -> str | None:  # fmt: skip
-    """One run in experiment ``ssl-dist-bench``: summary metrics, the JSON and the plot.
-    Bounded; None (and a warning) when the store is slow or down."""
-
-    def log() -> str:
-        from mlflow.entities import Metric, Param, RunTag  # heavy (mlflow): only when logging
-
-        c = tracking.client(uri)
-        exp = tracking.experiment_id(c, EXPERIMENT, uri)
-        run = c.create_run(exp, run_name=f"quality-{doc['dataset']}-{doc['budget_min']:g}min")
-        run_id: str = run.info.run_id
-        now = int(time.time() * 1000)
-        metrics = []
-        for r in doc["rows"]:
-            key = r["encoder"].replace(" ", "_").replace("@", "at")
-            for m in ("probe_top1", "knn_top1"):
-                if isinstance(r.get(m), float):
-                    metrics.append(Metric(f"{key}/{m}", r[m], now, int(r.get("step") or 0)))
-        for method, rows in doc["curves"].items():
-            for r in rows:
-                for m in ("probe_top1", "knn_top1"):
-                    metrics.append(Metric(f"curve/{method}/{m}", r[m], now, int(r["train_s"])))
-        params = [Param(k, str(doc[k])[:6000]) for k in ("budget_min", "recipe", "methods",
-                                                          "workers", "dataset")]  # fmt: skip
-        tags = [RunTag("ssl_dist.bench", "quality")]
-        tags += [RunTag(f"ssl_dist.pretrain_run.{i}", r) for i, r in enumerate(linked_runs)]
-        c.log_batch(run_id, metrics=metrics, params=params, tags=tags)
-        for f in files:
-            c.log_artifact(run_id, str(f))
-        c.set_terminated(run_id)
-        return run_id
-
-    return tracking.bounded(log, timeout_s, f"log the quality bench at {uri}")
 
 
 # ---------------------------------------------------------------- the bench

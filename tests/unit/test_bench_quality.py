@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ssl_dist.bench import quality, scaling
+from ssl_dist.bench import features, quality, scaling
 from ssl_dist.config import Config
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
@@ -65,15 +65,15 @@ def test_plan_budget_fits_steps_and_checkpoints_to_the_time():
 def test_evaluator_scores_encoders_and_pixels(fake, tmp_path):
     _, manifest = fake
     cfg = _cfg(manifest, tmp_path)
-    ev = quality.Evaluator(cfg)
+    ev = features.Evaluator(cfg)
     assert ev.train.images.shape == (60, 1, 28, 28) and ev.val.labels.shape == (20,)
-    init = ev.encoder(quality.init_encoder(cfg))
+    init = ev.encoder(features.init_encoder(cfg))
     assert 0 <= init["probe_top1"] <= 1 and 0 <= init["knn_top1"] <= 1
     assert init["feature_dim"] == 8
     pix = ev.pixels(32)
     assert pix["feature_dim"] == 32 * 32 and pix["probe_top1"] > 0.5  # the bands are separable
     # The random-init encoder is the training init: same seed, same weights.
-    a, b = quality.init_encoder(cfg).state_dict(), quality.init_encoder(cfg).state_dict()
+    a, b = features.init_encoder(cfg).state_dict(), features.init_encoder(cfg).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -81,8 +81,8 @@ def test_evaluator_scores_encoders_and_pixels(fake, tmp_path):
 def test_supervised_reference_stops_on_time(fake, tmp_path):
     _, manifest = fake
     cfg = _cfg(manifest, tmp_path)
-    ev = quality.Evaluator(cfg)
-    sup = quality.train_supervised(cfg, ev.train, ev.val, ev.views, 1.0, threads=1, batch_size=16)
+    ev = features.Evaluator(cfg)
+    sup = features.train_supervised(cfg, ev.train, ev.val, ev.views, 1.0, threads=1, batch_size=16)
     assert sup.steps >= 1 and sup.seconds < 10 and 0 <= sup.head_top1 <= 1
 
 
