@@ -19,9 +19,10 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_dist.bench.report import table, timed, write
 from ssl_dist.config import DataConfig, ViewsConfig
+from ssl_dist.data.reader import decode_image
 from ssl_dist.data.shards import read_manifest, write_shards
 from ssl_dist.data.sources import load_source
-from ssl_dist.data.stream import decode_image, stream
+from ssl_dist.data.stream import stream
 
 
 class PngFiles(Dataset):
