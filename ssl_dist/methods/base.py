@@ -29,10 +29,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ssl_dist.config import Config, MethodConfig
+from ssl_dist.config import Config, MethodConfig, ModelConfig
 from ssl_dist.data.shards import Manifest
 from ssl_dist.data.views import TwoViewInputs, views_for
-from ssl_dist.models import ema_update
+from ssl_dist.models import build_encoder, ema_update
 
 
 class Inputs(Protocol):
@@ -62,6 +62,15 @@ class SSLMethod(nn.Module):
 
     name: ClassVar[str] = ""
     encoder: nn.Module
+
+    def __init__(
+        self, method: MethodConfig, model: ModelConfig, in_chans: int, image_size: int
+    ) -> None:
+        """Every method: its config (``self.cfg``) and the online encoder, built first (so a
+        seed fixes the encoder's init whatever heads the method adds after it)."""
+        super().__init__()
+        self.cfg = method
+        self.encoder = build_encoder(model, in_chans, image_size)
 
     def make_inputs(self, cfg: Config, manifest: Manifest, device: torch.device | str) -> Inputs:
         """The builder of this method's forward arguments from a decoded batch, on `device`.

@@ -23,7 +23,6 @@ from ssl_dist.dist import collectives
 from ssl_dist.losses import info_nce_loss
 from ssl_dist.methods.base import SSLMethod, num_features, pair_metrics
 from ssl_dist.models import (
-    build_encoder,
     build_predictor,
     build_projector,
     cosine_momentum,
@@ -42,9 +41,7 @@ class _MoCo(SSLMethod):
         image_size: int,
         last_bn: bool,
     ) -> None:
-        super().__init__()
-        self.cfg = method
-        self.encoder = build_encoder(model, in_chans, image_size)
+        super().__init__(method, model, in_chans, image_size)
         self.projector = build_projector(model, num_features(self.encoder), last_bn=last_bn)
         self.momentum_encoder = make_momentum_copy(self.encoder)
         self.momentum_projector = make_momentum_copy(self.projector)

@@ -25,7 +25,6 @@ from ssl_dist.config import Config, MethodConfig, ModelConfig
 from ssl_dist.data.shards import Manifest
 from ssl_dist.data.views import TwoViews, views_for
 from ssl_dist.methods.base import SSLMethod, num_features
-from ssl_dist.models import build_encoder
 
 ROTATIONS = 4
 """0, 90, 180 and 270 degrees."""
@@ -61,9 +60,7 @@ class Rotation(SSLMethod):
     def __init__(
         self, method: MethodConfig, model: ModelConfig, in_chans: int, image_size: int
     ) -> None:
-        super().__init__()
-        self.cfg = method
-        self.encoder = build_encoder(model, in_chans, image_size)
+        super().__init__(method, model, in_chans, image_size)
         features = num_features(self.encoder)
         self.head = nn.Sequential(
             nn.Linear(features, model.proj_hidden, bias=False),

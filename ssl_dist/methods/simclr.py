@@ -11,7 +11,7 @@ from torch import Tensor
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.losses import nt_xent_loss
 from ssl_dist.methods.base import SSLMethod, num_features, pair_metrics
-from ssl_dist.models import build_encoder, build_projector
+from ssl_dist.models import build_projector
 
 
 class SimCLR(SSLMethod):
@@ -33,9 +33,7 @@ class SimCLR(SSLMethod):
     def __init__(
         self, method: MethodConfig, model: ModelConfig, in_chans: int, image_size: int
     ) -> None:
-        super().__init__()
-        self.cfg = method
-        self.encoder = build_encoder(model, in_chans, image_size)
+        super().__init__(method, model, in_chans, image_size)
         self.projector = build_projector(model, num_features(self.encoder))
 
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
