@@ -144,8 +144,12 @@ def _echo_mlflow(logged: dict | None, cfg) -> None:
 
     if not cfg.tracking.enabled:
         return
-    uri = resolve_uri(cfg.tracking.uri, str(Path(cfg.run.storage_path).resolve())
-                      if "://" not in cfg.run.storage_path else cfg.run.storage_path)  # fmt: skip
+    uri = resolve_uri(
+        cfg.tracking.uri,
+        str(Path(cfg.run.storage_path).resolve())
+        if "://" not in cfg.run.storage_path
+        else cfg.run.storage_path,
+    )
     if not logged:
         typer.echo(f"mlflow: nothing logged at {uri} (see the warnings above)")
     elif "version" in logged:
@@ -244,9 +248,17 @@ def finetune(
     Weights are read from encoder.safetensors only; pickled weights are refused (exit 2)."""
     from ssl_dist.evaluate.finetune import run_finetune, summary  # heavy: torch, MLflow, Ray
 
-    r = run_finetune(model, data, mode, tracking_uri, epochs=epochs, lr=lr,
-                     batch_size=batch_size, num_workers=num_workers,
-                     storage_path=storage_path)  # fmt: skip
+    r = run_finetune(
+        model,
+        data,
+        mode,
+        tracking_uri,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        storage_path=storage_path,
+    )
     typer.echo(summary(r))
     if r.get("checkpoint"):
         typer.echo(f"checkpoint: {r['checkpoint']}")
@@ -270,8 +282,14 @@ def bench_loader(
     """Stream vs per-file PNG Dataset vs raw tar read rate; kornia vs torchvision views."""
     from ssl_dist.bench.loader import run  # heavy: loads torch
 
-    run(out=out, work=work, source=source, image_size=image_size, batch_size=batch_size,
-        seconds=seconds)  # fmt: skip
+    run(
+        out=out,
+        work=work,
+        source=source,
+        image_size=image_size,
+        batch_size=batch_size,
+        seconds=seconds,
+    )
 
 
 @bench_app.command("loss")
@@ -347,9 +365,17 @@ def bench_quality(
     if method not in (*METHODS, "both"):
         raise ConfigError(f"--method must be simclr, moco_v3 or both (got {method!r})")
     os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
-    run(out=out, work=work, budget_min=budget_min,
-        methods=METHODS if method == "both" else (method,), recipe=config, input_dir=input,
-        overrides=override or [], supervised=supervised, tracking_uri=tracking_uri)  # fmt: skip
+    run(
+        out=out,
+        work=work,
+        budget_min=budget_min,
+        methods=METHODS if method == "both" else (method,),
+        recipe=config,
+        input_dir=input,
+        overrides=override or [],
+        supervised=supervised,
+        tracking_uri=tracking_uri,
+    )
 
 
 @bench_app.command("scaling")
@@ -377,8 +403,16 @@ def bench_scaling(
     from ssl_dist.bench.scaling import run  # heavy: torch and Ray
 
     os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
-    run(out=out, work=work, recipe=config, input_dir=input, steps=steps,
-        phase_steps=phase_steps, overrides=override or [], cluster=cluster)  # fmt: skip
+    run(
+        out=out,
+        work=work,
+        recipe=config,
+        input_dir=input,
+        steps=steps,
+        phase_steps=phase_steps,
+        overrides=override or [],
+        cluster=cluster,
+    )
 
 
 register_submit(app)

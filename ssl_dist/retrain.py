@@ -86,8 +86,9 @@ def run_key(cfg: Config, manifest_sha: str, champion: str | None) -> str:
     name (so a crashed job continues), anything else a new one."""
     skip = ("run.name", "data.manifest", "retrain.", "tracking.")
     keep = {k: v for k, v in flatten(cfg).items() if not k.startswith(skip)}
-    digest = hashlib.sha256(json.dumps([keep, manifest_sha, champion], sort_keys=True,
-                                       default=str).encode()).hexdigest()  # fmt: skip
+    digest = hashlib.sha256(
+        json.dumps([keep, manifest_sha, champion], sort_keys=True, default=str).encode()
+    ).hexdigest()
     return f"retrain-{manifest_sha[:8]}-{digest[:8]}"
 
 
@@ -96,8 +97,9 @@ def retrain(cfg: Config, log=print) -> RetrainResult:
     if not cfg.tracking.enabled:
         raise ConfigError("retrain needs the model registry: tracking.enabled must be true")
     if not cfg.retrain.eval_data:
-        raise ConfigError("retrain.eval_data is required: the fixed shards both encoders are "
-                          "probed on")  # fmt: skip
+        raise ConfigError(
+            "retrain.eval_data is required: the fixed shards both encoders are probed on"
+        )
     cfg = cfg.model_copy(deep=True)
     cfg.data.manifest = newest_manifest(cfg.retrain.data or cfg.data.manifest)
     cfg = resolve_paths(cfg)
@@ -144,18 +146,28 @@ def _retrain_locked(cfg: Config, uri: str, name: str, log) -> RetrainResult:
     # data lands must not retrain the champion on what made it.
     data_key = run_key(cfg, sha, None)
     if champion is not None and champion.tags.get(DATA_KEY_TAG) == data_key:
-        reason = (f"the champion (version {champion.version}) was trained on this data "
-                  f"(sha256 {sha[:12]}) with this config: nothing new to train")  # fmt: skip
+        reason = (
+            f"the champion (version {champion.version}) was trained on this data "
+            f"(sha256 {sha[:12]}) with this config: nothing new to train"
+        )
         log(f"skipped: {reason}")
         return RetrainResult("skipped", reason, manifest, run_name, None, champion.version)
 
     done = _decided(c, name, run_name)
     if done is not None:
-        reason = (f"{run_name} was already decided ({done.tags[DECISION_TAG]}, version "
-                  f"{done.version}): nothing new to train")  # fmt: skip
+        reason = (
+            f"{run_name} was already decided ({done.tags[DECISION_TAG]}, version "
+            f"{done.version}): nothing new to train"
+        )
         log(reason)
-        return RetrainResult("skipped", reason, manifest, run_name, done.version,
-                             champion.version if champion else None)  # fmt: skip
+        return RetrainResult(
+            "skipped",
+            reason,
+            manifest,
+            run_name,
+            done.version,
+            champion.version if champion else None,
+        )
 
     cfg.run.name = run_name
     cfg.tracking.alias = cfg.retrain.challenger_alias
@@ -164,45 +176,72 @@ def _retrain_locked(cfg: Config, uri: str, name: str, log) -> RetrainResult:
     _, metrics = pretrain(cfg)
     logged = metrics.get("mlflow") or {}
     if "version" not in logged:
-        raise RuntimeError("the challenger was trained but could not be registered in MLflow "
-                           f"at {uri}; run retrain again once the server answers")  # fmt: skip
+        raise RuntimeError(
+            "the challenger was trained but could not be registered in MLflow "
+            f"at {uri}; run retrain again once the server answers"
+        )
     challenger = c.get_model_version(name, logged["version"])
 
     eval_data = cfg.retrain.eval_data or ""
     challenger_top1 = _probe(f"models:/{name}/{challenger.version}", eval_data, uri)
-    champion_top1 = _probe(f"models:/{name}/{champion.version}", eval_data, uri) if champion \
-        else None  # fmt: skip
+    champion_top1 = (
+        _probe(f"models:/{name}/{champion.version}", eval_data, uri) if champion else None
+    )
     margin = cfg.retrain.margin
     if champion is None:
         decision, reason = "promoted", "there was no champion yet"
     elif challenger_top1 >= (champion_top1 or 0.0) + margin:
-        decision, reason = "promoted", (f"challenger top-1 {challenger_top1:.2%} >= champion "
-                                        f"{champion_top1:.2%} + margin {margin:.2%}")  # fmt: skip
+        decision, reason = (
+            "promoted",
+            (
+                f"challenger top-1 {challenger_top1:.2%} >= champion "
+                f"{champion_top1:.2%} + margin {margin:.2%}"
+            ),
+        )
     else:
-        decision, reason = "kept", (f"challenger top-1 {challenger_top1:.2%} < champion "
-                                    f"{champion_top1:.2%} + margin {margin:.2%}")  # fmt: skip
+        decision, reason = (
+            "kept",
+            (
+                f"challenger top-1 {challenger_top1:.2%} < champion "
+                f"{champion_top1:.2%} + margin {margin:.2%}"
+            ),
+        )
 
-    tags = {"ssl_dist.retrain_challenger_top1": f"{challenger_top1:.6f}",
-            "ssl_dist.retrain_champion_top1": "none" if champion_top1 is None
-            else f"{champion_top1:.6f}",
-            "ssl_dist.retrain_margin": str(margin),
-            "ssl_dist.retrain_eval_data": eval_data,
-            "ssl_dist.retrain_run": cfg.run.name,
-            "ssl_dist.retrain_manifest_sha256": sha,
-            DATA_KEY_TAG: data_key,
-            "ssl_dist.retrain_compared_with": champion.version if champion else "none",
-            "ssl_dist.retrain_reason": reason}  # fmt: skip
+    tags = {
+        "ssl_dist.retrain_challenger_top1": f"{challenger_top1:.6f}",
+        "ssl_dist.retrain_champion_top1": "none"
+        if champion_top1 is None
+        else f"{champion_top1:.6f}",
+        "ssl_dist.retrain_margin": str(margin),
+        "ssl_dist.retrain_eval_data": eval_data,
+        "ssl_dist.retrain_run": cfg.run.name,
+        "ssl_dist.retrain_manifest_sha256": sha,
+        DATA_KEY_TAG: data_key,
+        "ssl_dist.retrain_compared_with": champion.version if champion else "none",
+        "ssl_dist.retrain_reason": reason,
+    }
     for k, v in {**tags, DECISION_TAG: decision}.items():
         c.set_model_version_tag(name, challenger.version, k, v)
     if champion is not None:
-        c.set_model_version_tag(name, champion.version, f"ssl_dist.challenged_by_v"
-                                f"{challenger.version}", f"{decision}: {reason}")  # fmt: skip
+        c.set_model_version_tag(
+            name,
+            champion.version,
+            f"ssl_dist.challenged_by_v{challenger.version}",
+            f"{decision}: {reason}",
+        )
     if decision == "promoted":
         c.set_registered_model_alias(name, cfg.retrain.champion_alias, challenger.version)
     log(f"{decision}: {reason}")
-    return RetrainResult(decision, reason, manifest, run_name, challenger.version,
-                         champion.version if champion else None, challenger_top1,
-                         champion_top1)  # fmt: skip
+    return RetrainResult(
+        decision,
+        reason,
+        manifest,
+        run_name,
+        challenger.version,
+        champion.version if champion else None,
+        challenger_top1,
+        champion_top1,
+    )
 
 
 def _probe(model_uri: str, eval_data: str, uri: str) -> float:
@@ -227,8 +266,9 @@ def _decided(c, name: str, run_name: str):
     from mlflow.exceptions import MlflowException  # heavy (mlflow): deferred to its first use
 
     try:
-        found = c.search_model_versions(f"name = '{name}' and tags.`ssl_dist.retrain_run` = "
-                                        f"'{run_name}'")  # fmt: skip
+        found = c.search_model_versions(
+            f"name = '{name}' and tags.`ssl_dist.retrain_run` = '{run_name}'"
+        )
     except MlflowException:
         return None
     decided = [v for v in found if DECISION_TAG in v.tags]
@@ -239,5 +279,6 @@ def _describe(version, name: str) -> str:
     if version is None:
         return "none yet"
     score = version.tags.get("ssl_dist.retrain_challenger_top1")
-    return f"{name} version {version.version}" + (f" (probe top-1 {float(score):.2%})"
-                                                   if score else "")  # fmt: skip
+    return f"{name} version {version.version}" + (
+        f" (probe top-1 {float(score):.2%})" if score else ""
+    )

@@ -8,8 +8,13 @@ from pathlib import Path
 
 import numpy as np
 
-TINY = ["model.widths=[4,8,8,8]", "model.proj_hidden=16", "model.proj_dim=8",
-        "data.batch_size=8", "data.shuffle_buffer=8"]  # fmt: skip
+TINY = [
+    "model.widths=[4,8,8,8]",
+    "model.proj_hidden=16",
+    "model.proj_dim=8",
+    "data.batch_size=8",
+    "data.shuffle_buffer=8",
+]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:

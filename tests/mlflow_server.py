@@ -31,13 +31,26 @@ class MlflowServer:
 
     def start(self, timeout_s: float = 90.0) -> MlflowServer:
         mlflow = Path(sys.executable).with_name("mlflow")
-        cmd = [str(mlflow), "server", "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}",
-               "--serve-artifacts", "--artifacts-destination", str(self.root / "artifacts"),
-               "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]  # fmt: skip
+        cmd = [
+            str(mlflow),
+            "server",
+            "--backend-store-uri",
+            f"sqlite:///{self.root / 'db.sqlite'}",
+            "--serve-artifacts",
+            "--artifacts-destination",
+            str(self.root / "artifacts"),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--workers",
+            "1",
+        ]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 (kept open by the child)
         # Own process group: kill() takes down the uvicorn workers with it.
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)  # fmt: skip
+        self.proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.time() + timeout_s
         while time.time() < deadline:
             if self.proc.poll() is not None:

@@ -75,17 +75,26 @@ def raw_pixels(images: Tensor, views: Any, size: int | None = None) -> Tensor:
 
 
 def evaluate_features(
-    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
+    train_x: Tensor,
+    train_y: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    num_classes: int,
     max_iter: int = 300,
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """The project's linear probe and the kNN monitor on the same features."""
     start = time.perf_counter()
     r = probe_features(train_x, train_y, val_x, val_y, num_classes, max_iter=max_iter)
     probe_s = time.perf_counter() - start
     knn = knn_predict(train_x, train_y, val_x, num_classes).argmax(1)
-    return {"probe_top1": r["top1"], "probe_top5": r["top5"], "probe_wd": r["weight_decay"],
-            "knn_top1": (knn == val_y).float().mean().item(), "feature_dim": r["feature_dim"],
-            "probe_s": probe_s}  # fmt: skip
+    return {
+        "probe_top1": r["top1"],
+        "probe_top5": r["top5"],
+        "probe_wd": r["weight_decay"],
+        "knn_top1": (knn == val_y).float().mean().item(),
+        "feature_dim": r["feature_dim"],
+        "probe_s": probe_s,
+    }
 
 
 class Evaluator:
@@ -109,8 +118,9 @@ class Evaluator:
         self.load_s = time.perf_counter() - start
 
     def _score(self, train_x: Tensor, val_x: Tensor) -> dict[str, Any]:
-        return evaluate_features(train_x, self.train.labels, val_x, self.val.labels,
-                                 self.num_classes)  # fmt: skip
+        return evaluate_features(
+            train_x, self.train.labels, val_x, self.val.labels, self.num_classes
+        )
 
     def encoder(self, encoder: nn.Module) -> dict[str, Any]:
         with torch_threads(self.threads):
@@ -130,16 +140,25 @@ class Evaluator:
         return self._cached({"kind": "raw", "size": size or self.cfg.data.image_size}, score)
 
     def random_init(self) -> dict[str, Any]:
-        key = {"kind": "init", "model": self.cfg.model.model_dump(mode="json"),
-               "method": self.cfg.method.name, "seed": self.cfg.run.seed,
-               "size": self.cfg.data.image_size, "channels": self.cfg.data.channels}  # fmt: skip
+        key = {
+            "kind": "init",
+            "model": self.cfg.model.model_dump(mode="json"),
+            "method": self.cfg.method.name,
+            "seed": self.cfg.run.seed,
+            "size": self.cfg.data.image_size,
+            "channels": self.cfg.data.channels,
+        }
         return self._cached(key, lambda: self.encoder(init_encoder(self.cfg)))
 
     def _cached(self, key: dict[str, Any], score: Callable[[], dict[str, Any]]) -> dict[str, Any]:
         if self.cache is None:
             return score()
-        full = {**key, "manifest": self.manifest_sha256, "wd_grid": list(WD_GRID),
-                "view": self.cfg.views.normalize}  # fmt: skip
+        full = {
+            **key,
+            "manifest": self.manifest_sha256,
+            "wd_grid": list(WD_GRID),
+            "view": self.cfg.views.normalize,
+        }
         digest = hashlib.sha256(json.dumps(full, sort_keys=True).encode()).hexdigest()[:16]
         try:
             saved = json.loads(self.cache.read_text())
@@ -174,9 +193,18 @@ class Supervised:
     images_s: float
 
 
-def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, budget_s: float,
-                     threads: int = 2, batch_size: int = 256, lr: float = 0.2,
-                     weight_decay: float = 5e-4, seed: int = 0) -> Supervised:  # fmt: skip
+def train_supervised(
+    cfg: Config,
+    train: Labelled,
+    val: Labelled,
+    views: Any,
+    budget_s: float,
+    threads: int = 2,
+    batch_size: int = 256,
+    lr: float = 0.2,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+) -> Supervised:
     """The same encoder (same init) + the fine-tuning head (:class:`Classifier`), cross-entropy,
     SGD with Nesterov momentum, trained through the project's step loop in this process
     (`threads` threads): random resized crop (scale 0.5-1) and flip on the device; warm-up and
@@ -186,10 +214,10 @@ def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, bu
         encoder = init_encoder(cfg)
         model = Classifier(encoder, int(train.labels.max()) + 1)
         size = cfg.data.image_size
-        aug = nn.Sequential(K.RandomResizedCrop((size, size), scale=(0.5, 1.0)),
-                            K.RandomHorizontalFlip())  # fmt: skip
-        opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9,
-                              nesterov=True)  # fmt: skip
+        aug = nn.Sequential(
+            K.RandomResizedCrop((size, size), scale=(0.5, 1.0)), K.RandomHorizontalFlip()
+        )
+        opt = torch.optim.SGD(param_groups(model, weight_decay), lr=lr, momentum=0.9, nesterov=True)
         n = len(train.labels)
         batch_size = min(batch_size, n)
 
@@ -206,8 +234,15 @@ def train_supervised(cfg: Config, train: Labelled, val: Labelled, views: Any, bu
 
         def run(total: int) -> None:
             schedule = Schedule(total, lr, warmup)
-            run_steps(backend, inputs, batches, schedule, state, [limit, recorder],
-                      seed=lambda epoch, i: view_seed(seed, epoch, i, 0))  # fmt: skip
+            run_steps(
+                backend,
+                inputs,
+                batches,
+                schedule,
+                state,
+                [limit, recorder],
+                seed=lambda epoch, i: view_seed(seed, epoch, i, 0),
+            )
 
         run(probe_steps)  # all of it warm-up: the schedule's length does not matter yet
         elapsed = time.perf_counter() - start

@@ -70,8 +70,12 @@ def _tar_rate(shards: Path, seconds: float) -> dict:
         return n
 
     secs, n = timed(once, seconds)
-    return {"reader": "raw tar read (no decode)", "workers": 0, "images_s": n / secs,
-            "MB_s": nbytes / secs / 1e6}  # fmt: skip
+    return {
+        "reader": "raw tar read (no decode)",
+        "workers": 0,
+        "images_s": n / secs,
+        "MB_s": nbytes / secs / 1e6,
+    }
 
 
 def _loader_rate(name: str, workers: int, make_iter, seconds: float) -> dict:
@@ -95,24 +99,41 @@ def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, se
     manifest = read_manifest(shards)
     rows = [_tar_rate(shards, seconds)]
     for workers in (1, 2):
-        cfg = DataConfig(manifest=str(shards / "manifest.json"), batch_size=batch_size,
-                         image_size=image_size, loader_workers=workers)  # fmt: skip
+        cfg = DataConfig(
+            manifest=str(shards / "manifest.json"),
+            batch_size=batch_size,
+            image_size=image_size,
+            loader_workers=workers,
+        )
         epoch = iter(range(1 << 30))
-        rows.append(_loader_rate(
-            "ssl-dist stream (shards)", workers,
-            lambda cfg=cfg, epoch=epoch: (
-                (b.images, b.labels) for b in stream(cfg, 0, 1, next(epoch))
-            ),
-            seconds,
-        ))  # fmt: skip
+        rows.append(
+            _loader_rate(
+                "ssl-dist stream (shards)",
+                workers,
+                lambda cfg=cfg, epoch=epoch: (
+                    (b.images, b.labels) for b in stream(cfg, 0, 1, next(epoch))
+                ),
+                seconds,
+            )
+        )
         ds = PngFiles(files, image_size, manifest.channels)
-        rows.append(_loader_rate(
-            "map-style Dataset (PNG files)", workers,
-            lambda ds=ds, w=workers: iter(DataLoader(
-                ds, batch_size=batch_size, shuffle=True, num_workers=w, drop_last=True,
-                multiprocessing_context="forkserver")),
-            seconds,
-        ))  # fmt: skip
+        rows.append(
+            _loader_rate(
+                "map-style Dataset (PNG files)",
+                workers,
+                lambda ds=ds, w=workers: iter(
+                    DataLoader(
+                        ds,
+                        batch_size=batch_size,
+                        shuffle=True,
+                        num_workers=w,
+                        drop_last=True,
+                        multiprocessing_context="forkserver",
+                    )
+                ),
+                seconds,
+            )
+        )
     base = {r["workers"]: r["images_s"] for r in rows if r["reader"].startswith("map-style")}
     for r in rows:
         if r["reader"].startswith("ssl-dist"):
@@ -120,12 +141,20 @@ def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, se
         r["vs_raw_tar"] = r["images_s"] / rows[0]["images_s"]
     aug = _views_rates(manifest, image_size, batch_size, seconds)
     print(f"loader bench: {source}, {image_size}px, batch {batch_size}")
-    print(table(rows, ["reader", "workers", "images_s", "vs_map_style", "vs_raw_tar",
-                       "startup_s", "MB_s"]))  # fmt: skip
+    print(
+        table(
+            rows,
+            ["reader", "workers", "images_s", "vs_map_style", "vs_raw_tar", "startup_s", "MB_s"],
+        )
+    )
     print()
     print(table(aug, ["augmentation", "images_s", "speedup"]))
-    write(out, "loader", rows, {"augmentation": aug, "source": source, "image_size": image_size,
-                                "batch_size": batch_size})  # fmt: skip
+    write(
+        out,
+        "loader",
+        rows,
+        {"augmentation": aug, "source": source, "image_size": image_size, "batch_size": batch_size},
+    )
     print(f"\nwrote {out}")
 
 
@@ -135,8 +164,9 @@ def _views_rates(manifest, image_size: int, batch_size: int, seconds: float) -> 
     cfg = ViewsConfig(blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
     rng = np.random.default_rng(0)
     c = manifest.channels
-    batch = torch.from_numpy(rng.integers(0, 256, (batch_size, c, image_size, image_size),
-                                          dtype=np.uint8))  # fmt: skip
+    batch = torch.from_numpy(
+        rng.integers(0, 256, (batch_size, c, image_size, image_size), dtype=np.uint8)
+    )
     views = TwoViews(cfg, image_size, 3, manifest.mean, manifest.std)
     mean, std = list(manifest.mean) * (3 // c), list(manifest.std) * (3 // c)
     k_secs, k_n = timed(lambda: (views(batch), batch_size)[1], seconds)
@@ -146,8 +176,14 @@ def _views_rates(manifest, image_size: int, batch_size: int, seconds: float) -> 
     )
     kornia_rate, tv_rate = k_n / k_secs, t_n / t_secs
     return [
-        {"augmentation": "kornia, batched (2 views)", "images_s": kornia_rate,
-         "speedup": kornia_rate / tv_rate},
-        {"augmentation": "torchvision v2, per sample (2 views)", "images_s": tv_rate,
-         "speedup": 1.0},
-    ]  # fmt: skip
+        {
+            "augmentation": "kornia, batched (2 views)",
+            "images_s": kornia_rate,
+            "speedup": kornia_rate / tv_rate,
+        },
+        {
+            "augmentation": "torchvision v2, per sample (2 views)",
+            "images_s": tv_rate,
+            "speedup": 1.0,
+        },
+    ]

@@ -67,8 +67,18 @@ CHECKPOINT_S = 1.5
 """Allowance per extra checkpoint when planning steps (DeepSpeed save + Ray persist)."""
 FINAL_SAVE_S = 5.0
 """Seconds kept back from the budget for the last step and checkpoint after the time limit."""
-COLUMNS = ["encoder", "method", "train_s", "step", "epochs", "probe_top1", "knn_top1",
-           "probe_wd", "vs_raw", "vs_init"]  # fmt: skip
+COLUMNS = [
+    "encoder",
+    "method",
+    "train_s",
+    "step",
+    "epochs",
+    "probe_top1",
+    "knn_top1",
+    "probe_wd",
+    "vs_raw",
+    "vs_init",
+]
 
 
 def missing_idx(root: Path) -> list[str]:
@@ -115,9 +125,17 @@ def bench_config(
     tracking_uri: str | None = None,
 ) -> Config:
     """The recipe on the prepared shards, with this run's storage, name and tracking URI."""
-    cfg = load_config(recipe, [f"data.manifest={manifest}", f"method.name={method}",
-                               f"run.storage_path={(work / 'runs').resolve()}", f"run.name={name}",
-                               "tracking.knn_every_epochs=0", *overrides])  # fmt: skip
+    cfg = load_config(
+        recipe,
+        [
+            f"data.manifest={manifest}",
+            f"method.name={method}",
+            f"run.storage_path={(work / 'runs').resolve()}",
+            f"run.name={name}",
+            "tracking.knn_every_epochs=0",
+            *overrides,
+        ],
+    )
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
     return cfg
@@ -215,9 +233,16 @@ def pretrain_for(cfg: Config, budget_s: float, cal: Calibration) -> Pretrained:
     points += [Point(s, max(0.0, t - start_wall), d) for s, d, t in list_checkpoints(run_dir)]
     n_train = plan.steps_per_epoch * plan.global_batch
     last = points[-1].path
-    return Pretrained(c.method.name, c, points, wall, metrics, steps,
-                      steps * plan.global_batch / max(n_train, 1),
-                      TrainState.read(last).stopped if last else None)  # fmt: skip
+    return Pretrained(
+        c.method.name,
+        c,
+        points,
+        wall,
+        metrics,
+        steps,
+        steps * plan.global_batch / max(n_train, 1),
+        TrainState.read(last).stopped if last else None,
+    )
 
 
 # ---------------------------------------------------------------- the bench
@@ -262,8 +287,10 @@ def run(
         raise ConfigError(str(e)) from None
     load_before = os.getloadavg()  # recorded: other work on the machine skews every number
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    cfgs = {m: bench_config(recipe, manifest, work, m, f"quality-{m}-{stamp}", overrides, uri)
-            for m in methods}  # fmt: skip
+    cfgs = {
+        m: bench_config(recipe, manifest, work, m, f"quality-{m}-{stamp}", overrides, uri)
+        for m in methods
+    }
     base = next(iter(cfgs.values()))
     workers = base.scaling.num_workers
 
@@ -277,8 +304,10 @@ def run(
             phases[f"{m}_calibrate_s"] = time.perf_counter() - t
             calibrations[m] = {"step_s": cal.step_s, "startup_s": cal.startup_s}
             steps, _ = plan_budget(budget_s, cal)
-            _say(f"{m}: {cal.step_s * 1e3:.0f} ms/step, start-up {cal.startup_s:.0f}s -> "
-                 f"{steps} steps in {budget_min:g} min")  # fmt: skip
+            _say(
+                f"{m}: {cal.step_s * 1e3:.0f} ms/step, start-up {cal.startup_s:.0f}s -> "
+                f"{steps} steps in {budget_min:g} min"
+            )
             t = time.perf_counter()
             runs.append(pretrain_for(cfg, budget_s, cal))
             phases[f"{m}_pretrain_s"] = time.perf_counter() - t
@@ -296,8 +325,7 @@ def run(
     raw = {}
     for size in dict.fromkeys([*raw_sizes, base.data.image_size]):
         raw[size] = ev.pixels(size)
-        rows.append(_row(f"raw pixels {size}px", "logistic regression", raw[size],
-                         train_s=0.0))  # fmt: skip
+        rows.append(_row(f"raw pixels {size}px", "logistic regression", raw[size], train_s=0.0))
         _say(f"raw pixels {size}px: probe {raw[size]['probe_top1']:.2%}")
     phases["raw_pixels_s"] = time.perf_counter() - t
     t = time.perf_counter()
@@ -314,15 +342,24 @@ def run(
             scores = init if pt.path is None else ev.encoder(checkpoint_encoder(pt.path))
             epochs = p.epochs * pt.step / max(p.max_steps, 1)
             curve.append({"step": pt.step, "train_s": pt.seconds, "epochs": epochs, **scores})
-            _say(f"{p.method} step {pt.step} ({pt.seconds:.0f}s): probe "
-                 f"{scores['probe_top1']:.2%}, kNN {scores['knn_top1']:.2%}")  # fmt: skip
+            _say(
+                f"{p.method} step {pt.step} ({pt.seconds:.0f}s): probe "
+                f"{scores['probe_top1']:.2%}, kNN {scores['knn_top1']:.2%}"
+            )
         curves[p.method] = curve
         phases[f"{p.method}_probes_s"] = time.perf_counter() - t
         last = curve[-1]
-        rows.append(_row(f"{p.method} @ {budget_min:g} min", p.method,
-                         {k: last[k] for k in last if k not in ("train_s", "step", "epochs")},
-                         train_s=last["train_s"], step=last["step"], epochs=last["epochs"],
-                         images_s=p.metrics.get("images_s")))  # fmt: skip
+        rows.append(
+            _row(
+                f"{p.method} @ {budget_min:g} min",
+                p.method,
+                {k: last[k] for k in last if k not in ("train_s", "step", "epochs")},
+                train_s=last["train_s"],
+                step=last["step"],
+                epochs=last["epochs"],
+                images_s=p.metrics.get("images_s"),
+            )
+        )
 
     sup_info: dict[str, Any] = {}
     if supervised:
@@ -333,9 +370,18 @@ def run(
         t = time.perf_counter()
         scores = ev.encoder(sup.encoder)
         phases["supervised_probe_s"] = time.perf_counter() - t
-        rows.append(_row(f"supervised @ {budget_min:g} min", "cross-entropy", scores,
-                         train_s=sup.seconds, step=sup.steps, epochs=sup.epochs,
-                         head_top1=sup.head_top1, images_s=sup.images_s))  # fmt: skip
+        rows.append(
+            _row(
+                f"supervised @ {budget_min:g} min",
+                "cross-entropy",
+                scores,
+                train_s=sup.seconds,
+                step=sup.steps,
+                epochs=sup.epochs,
+                head_top1=sup.head_top1,
+                images_s=sup.images_s,
+            )
+        )
         sup_info = {"head_top1": sup.head_top1, "threads": supervised_threads}
         _say(f"supervised: probe {scores['probe_top1']:.2%} (own head {sup.head_top1:.2%})")
 
@@ -343,8 +389,10 @@ def run(
     for r in rows:
         r["vs_raw"] = r["probe_top1"] - best_raw
         r["vs_init"] = r["probe_top1"] - init["probe_top1"]
-    title = (f"Fashion-MNIST, {base.data.image_size}px, {base.model.encoder} "
-             f"{tuple(base.model.widths)}, {workers} Ray workers, {budget_min:g} min")  # fmt: skip
+    title = (
+        f"Fashion-MNIST, {base.data.image_size}px, {base.model.encoder} "
+        f"{tuple(base.model.widths)}, {workers} Ray workers, {budget_min:g} min"
+    )
     lines = {f"raw pixels {s}px": v["probe_top1"] for s, v in raw.items()}
     lines["random init"] = init["probe_top1"]
     for r in rows:
@@ -352,20 +400,41 @@ def run(
             lines["supervised (probe)"] = r["probe_top1"]
     png = plot(out.with_suffix(".png"), curves, lines, title)
     doc_extra = {
-        "dataset": "fashion-mnist", "budget_min": budget_min, "recipe": str(recipe),
-        "methods": list(methods), "workers": workers, "overrides": list(overrides),
-        "image_size": base.data.image_size, "curves": curves, "calibration": calibrations,
-        "phases_s": phases, "supervised": sup_info, "plot": str(png), "tracking_uri": uri,
-        "pretrain_runs": [{"method": p.method, "run": p.cfg.run.name, "max_steps": p.max_steps,
-                           "last_step": p.points[-1].step, "wall_s": p.wall_s,
-                           "stopped_by_time_limit": p.stopped == "time_limit",
-                           "epochs": p.epochs, "mlflow": p.metrics.get("mlflow")} for p in runs],
+        "dataset": "fashion-mnist",
+        "budget_min": budget_min,
+        "recipe": str(recipe),
+        "methods": list(methods),
+        "workers": workers,
+        "overrides": list(overrides),
+        "image_size": base.data.image_size,
+        "curves": curves,
+        "calibration": calibrations,
+        "phases_s": phases,
+        "supervised": sup_info,
+        "plot": str(png),
+        "tracking_uri": uri,
+        "pretrain_runs": [
+            {
+                "method": p.method,
+                "run": p.cfg.run.name,
+                "max_steps": p.max_steps,
+                "last_step": p.points[-1].step,
+                "wall_s": p.wall_s,
+                "stopped_by_time_limit": p.stopped == "time_limit",
+                "epochs": p.epochs,
+                "mlflow": p.metrics.get("mlflow"),
+            }
+            for p in runs
+        ],
         "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
         "cpu_count": os.cpu_count(),
-    }  # fmt: skip
+    }
     write(out, "quality", rows, doc_extra)
-    linked = [str((p.metrics.get("mlflow") or {}).get("run_id")) for p in runs
-              if (p.metrics.get("mlflow") or {}).get("run_id")]  # fmt: skip
+    linked = [
+        str((p.metrics.get("mlflow") or {}).get("run_id"))
+        for p in runs
+        if (p.metrics.get("mlflow") or {}).get("run_id")
+    ]
     doc = {"bench": "quality", "rows": rows, **doc_extra}
     t = time.perf_counter()
     run_id = log_mlflow(uri, doc, [out, png], linked_runs=linked)

@@ -13,8 +13,9 @@ from ssl_dist import tracking
 EXPERIMENT = "ssl-dist-bench"
 
 
-def plot(out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, float],
-         title: str) -> Path:  # fmt: skip
+def plot(
+    out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, float], title: str
+) -> Path:
     """Probe top-1 (solid) and kNN top-1 (dashed) against training minutes, with baselines."""
     import matplotlib  # heavy (a second): only for the plot at the end
 
@@ -25,8 +26,14 @@ def plot(out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, fl
     for name, rows in curves.items():
         t = [r["train_s"] / 60 for r in rows]
         (line,) = ax.plot(t, [100 * r["probe_top1"] for r in rows], "o-", label=f"{name} probe")
-        ax.plot(t, [100 * r["knn_top1"] for r in rows], "x--", color=line.get_color(),
-                alpha=0.6, label=f"{name} kNN")  # fmt: skip
+        ax.plot(
+            t,
+            [100 * r["knn_top1"] for r in rows],
+            "x--",
+            color=line.get_color(),
+            alpha=0.6,
+            label=f"{name} kNN",
+        )
     styles = ["k:", "r-.", "g--", "b:", "m-."]
     for (name, value), style in zip(lines.items(), styles * 3, strict=False):
         ax.axhline(100 * value, linestyle=style[1:], color=style[0], linewidth=1, label=name)
@@ -42,8 +49,13 @@ def plot(out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, fl
     return out
 
 
-def log_mlflow(uri: str, doc: dict[str, Any], files: Sequence[Path], timeout_s: float = 60.0,
-               linked_runs: Sequence[str] = ()) -> str | None:  # fmt: skip
+def log_mlflow(
+    uri: str,
+    doc: dict[str, Any],
+    files: Sequence[Path],
+    timeout_s: float = 60.0,
+    linked_runs: Sequence[str] = (),
+) -> str | None:
     """One run in experiment ``ssl-dist-bench``: summary metrics, the JSON and the plot.
     Bounded; None (and a warning) when the store is slow or down."""
 
@@ -65,8 +77,10 @@ def log_mlflow(uri: str, doc: dict[str, Any], files: Sequence[Path], timeout_s: 
             for r in rows:
                 for m in ("probe_top1", "knn_top1"):
                     metrics.append(Metric(f"curve/{method}/{m}", r[m], now, int(r["train_s"])))
-        params = [Param(k, str(doc[k])[:6000]) for k in ("budget_min", "recipe", "methods",
-                                                          "workers", "dataset")]  # fmt: skip
+        params = [
+            Param(k, str(doc[k])[:6000])
+            for k in ("budget_min", "recipe", "methods", "workers", "dataset")
+        ]
         tags = [RunTag("ssl_dist.bench", "quality")]
         tags += [RunTag(f"ssl_dist.pretrain_run.{i}", r) for i, r in enumerate(linked_runs)]
         c.log_batch(run_id, metrics=metrics, params=params, tags=tags)

@@ -22,9 +22,17 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's `dataset-fashion-mnist` package puts the IDX files."""
 
 FASHION_MNIST_CLASSES = [
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
-]  # fmt: skip
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 

@@ -62,16 +62,30 @@ def finetune_config(
     tree = source.cfg.model_dump(mode="json")
     tree["data"] = data_config(source.cfg, manifest, batch_size).model_dump(mode="json")
     tree["optim"] = OptimConfig(
-        name="sgd", lr=lr, lr_scaling="none", weight_decay=weight_decay, momentum=0.9,
-        warmup_steps=0, min_lr_ratio=0.0, grad_clip=0.0, grad_accum=1,
-    ).model_dump(mode="json")  # fmt: skip
+        name="sgd",
+        lr=lr,
+        lr_scaling="none",
+        weight_decay=weight_decay,
+        momentum=0.9,
+        warmup_steps=0,
+        min_lr_ratio=0.0,
+        grad_clip=0.0,
+        grad_accum=1,
+    ).model_dump(mode="json")
     workers = num_workers or source.cfg.scaling.num_workers
     # An elastic [min, max] pretraining setting: fine-tune on the guaranteed minimum.
     tree["scaling"]["num_workers"] = workers if isinstance(workers, int) else int(workers[0])
     tree["tracking"]["enabled"] = False  # the driver logs the fine-tune run
-    tree["run"].update(name=name, storage_path=storage_path, epochs=epochs, max_steps=None,
-                       stop_at_step=None, seed=seed, max_failures=0,
-                       ray_address=ray_address or source.cfg.run.ray_address)  # fmt: skip
+    tree["run"].update(
+        name=name,
+        storage_path=storage_path,
+        epochs=epochs,
+        max_steps=None,
+        stop_at_step=None,
+        seed=seed,
+        max_failures=0,
+        ray_address=ray_address or source.cfg.run.ray_address,
+    )
     try:
         return Config.model_validate(tree)
     except Exception as e:
@@ -121,11 +135,18 @@ def full_finetune(
     manifest = manifest_path(data_dir)
     run_name = name or f"finetune-{datetime.now():%Y%m%d-%H%M%S-%f}"
     cfg = finetune_config(
-        source, manifest, epochs=epochs, lr=lr, weight_decay=weight_decay,
-        batch_size=batch_size, num_workers=num_workers, storage_path=storage_path,
-        name=run_name, seed=source.cfg.run.seed if seed is None else seed,
+        source,
+        manifest,
+        epochs=epochs,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        storage_path=storage_path,
+        name=run_name,
+        seed=source.cfg.run.seed if seed is None else seed,
         ray_address=ray_address,
-    )  # fmt: skip
+    )
     cfg = resolve_paths(cfg)
     workers = cfg.scaling.num_workers
     assert isinstance(workers, int)
@@ -139,18 +160,25 @@ def full_finetune(
     connect(cfg)
     weights = ray.put(save_safetensors(source.tensors))  # plain bytes to the workers
     # One checkpoint (the result), no restarts: a failed fine-tune is simply run again.
-    trainer = make_trainer(cfg, finetune_loop_per_worker, {"weights": weights}, num_to_keep=1,
-                           max_failures=0)  # fmt: skip
+    trainer = make_trainer(
+        cfg, finetune_loop_per_worker, {"weights": weights}, num_to_keep=1, max_failures=0
+    )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError("fine-tuning finished without a checkpoint")
     out = dict(result.metrics or {})
     out.update(
-        n_train=shards.manifest.split(cfg.data.split).samples, seconds=time.perf_counter() - start,
-        checkpoint=result.checkpoint.path, data=manifest, lr=lr, weight_decay=weight_decay,
-        batch_size=cfg.data.batch_size, num_workers=workers, zero_stage=cfg.zero.stage,
+        n_train=shards.manifest.split(cfg.data.split).samples,
+        seconds=time.perf_counter() - start,
+        checkpoint=result.checkpoint.path,
+        data=manifest,
+        lr=lr,
+        weight_decay=weight_decay,
+        batch_size=cfg.data.batch_size,
+        num_workers=workers,
+        zero_stage=cfg.zero.stage,
         run_name=run_name,
-    )  # fmt: skip
+    )
     return out
 
 
@@ -181,19 +209,28 @@ def log_finetune_run(uri: str, source: EncoderSource, mode: str, results: dict[s
     run = client.create_run(exp, run_name=run_name, tags=tags)
     run_id: str = run.info.run_id
     now = int(time.time() * 1000)
-    params = {"mode": mode, "data": results["data"], "source_uri": source.lineage.get("uri", ""),
-              "encoder": source.cfg.model.encoder, "image_size": source.cfg.data.image_size,
-              "channels": source.cfg.data.channels}  # fmt: skip
+    params = {
+        "mode": mode,
+        "data": results["data"],
+        "source_uri": source.lineage.get("uri", ""),
+        "encoder": source.cfg.model.encoder,
+        "image_size": source.cfg.data.image_size,
+        "channels": source.cfg.data.channels,
+    }
     keys = ("wd_grid", "weight_decay", "epochs", "lr", "batch_size", "num_workers", "zero_stage")
     params.update({k: results[k] for k in keys if results.get(k) is not None})
     numeric = ("top1", "top5", "train_top1", "train_loss", "seconds", "n_train", "n_val", "steps")
-    metrics = [Metric(k, float(results[k]), now, 0) for k in numeric
-               if isinstance(results.get(k), int | float)]  # fmt: skip
+    metrics = [
+        Metric(k, float(results[k]), now, 0)
+        for k in numeric
+        if isinstance(results.get(k), int | float)
+    ]
     client.log_batch(
-        run_id, metrics=metrics,
+        run_id,
+        metrics=metrics,
         params=[Param(k, _tag_value(v)[:6000]) for k, v in params.items()],
         tags=[RunTag(k, v) for k, v in tags.items()],
-    )  # fmt: skip
+    )
     client.log_dict(run_id, results, RESULTS)
     client.set_terminated(run_id)
     return run_id
@@ -261,9 +298,15 @@ def run_finetune(
         results = linear_probe(source, data_dir, wd_grid=wd_grid, seed=seed)
     else:
         results = full_finetune(
-            source, data_dir, epochs=epochs, lr=lr, batch_size=batch_size,
-            num_workers=num_workers, storage_path=storage_path, seed=seed,
-        )  # fmt: skip
+            source,
+            data_dir,
+            epochs=epochs,
+            lr=lr,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            storage_path=storage_path,
+            seed=seed,
+        )
         results["epochs"] = epochs
     results.update(mode=mode, source=dict(source.lineage))
     for k in ("top1", "top5"):
@@ -277,7 +320,7 @@ def run_finetune(
             lambda: tag_model_version(uri, source, mode, results),
             log_timeout_s,
             "tag the model version",
-        )  # fmt: skip
+        )
     )
     return results
 
@@ -287,7 +330,11 @@ def summary(results: dict[str, Any]) -> str:
     top5 = f" (top-5 {results['top5']:.1%})" if results.get("top5") is not None else ""
     counts = f"{results['n_train']} train / {results['n_val']} val"
     if results["mode"] == "linear":
-        return (f"linear probe top-1 on val: {results['top1']:.1%}{top5}, weight decay "
-                f"{results['weight_decay']:g}, {counts}")  # fmt: skip
-    return (f"full fine-tune top-1 on val: {results['top1']:.1%}{top5}, {results['epochs']} "
-            f"epochs on {results['num_workers']} workers, {counts}")  # fmt: skip
+        return (
+            f"linear probe top-1 on val: {results['top1']:.1%}{top5}, weight decay "
+            f"{results['weight_decay']:g}, {counts}"
+        )
+    return (
+        f"full fine-tune top-1 on val: {results['top1']:.1%}{top5}, {results['epochs']} "
+        f"epochs on {results['num_workers']} workers, {counts}"
+    )

@@ -55,9 +55,13 @@ def extract_features(
 
 
 def knn_predict(
-    bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int,
-    k: int = 20, temperature: float = 0.07,
-) -> Tensor:  # fmt: skip
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    num_classes: int,
+    k: int = 20,
+    temperature: float = 0.07,
+) -> Tensor:
     """Class scores ``[Q, num_classes]`` from a similarity-weighted vote of the k nearest."""
     bank = F.normalize(bank, dim=1)
     queries = F.normalize(queries, dim=1)
@@ -73,9 +77,14 @@ def knn_predict(
 
 
 def knn_accuracy(
-    encoder: nn.Module, data: DataConfig, views: TwoViews, num_classes: int,
-    device: torch.device | str = "cpu", k: int = 20, max_bank: int | None = 10000,
-) -> float:  # fmt: skip
+    encoder: nn.Module,
+    data: DataConfig,
+    views: TwoViews,
+    num_classes: int,
+    device: torch.device | str = "cpu",
+    k: int = 20,
+    max_bank: int | None = 10000,
+) -> float:
     """Top-1 kNN accuracy of `encoder` features: train split as bank, val split as queries."""
     bank, bank_y = extract_features(encoder, data, data.split, views, device, max_bank)
     queries, query_y = extract_features(encoder, data, data.val_split, views, device)

@@ -54,8 +54,9 @@ def manifest_path(data_dir: str | Path) -> str:
 def data_config(cfg: Config, manifest: str, batch_size: int | None = None) -> DataConfig:
     """The source's data config (image size, channels, split names) on another shard set."""
     tree = cfg.data.model_dump(mode="json")
-    tree.update(manifest=manifest, shards=None, allow_unsafe=False, mode="exact",
-                steps_per_epoch=None)  # fmt: skip
+    tree.update(
+        manifest=manifest, shards=None, allow_unsafe=False, mode="exact", steps_per_epoch=None
+    )
     if batch_size is not None:
         tree["batch_size"] = batch_size
     return DataConfig.model_validate(tree)
@@ -82,9 +83,14 @@ def fit_linear(
     nn.init.zeros_(lin.weight)
     nn.init.zeros_(lin.bias)
     opt = torch.optim.LBFGS(
-        lin.parameters(), lr=1.0, max_iter=max_iter, history_size=20,
-        line_search_fn="strong_wolfe", tolerance_grad=1e-6, tolerance_change=1e-9,
-    )  # fmt: skip
+        lin.parameters(),
+        lr=1.0,
+        max_iter=max_iter,
+        history_size=20,
+        line_search_fn="strong_wolfe",
+        tolerance_grad=1e-6,
+        tolerance_change=1e-9,
+    )
 
     def closure() -> Tensor:
         opt.zero_grad()
@@ -98,9 +104,15 @@ def fit_linear(
 
 
 def probe_features(
-    train_x: Tensor, train_y: Tensor, val_x: Tensor, val_y: Tensor, num_classes: int,
-    wd_grid: Sequence[float] = WD_GRID, seed: int = 0, max_iter: int = 300,
-) -> dict[str, Any]:  # fmt: skip
+    train_x: Tensor,
+    train_y: Tensor,
+    val_x: Tensor,
+    val_y: Tensor,
+    num_classes: int,
+    wd_grid: Sequence[float] = WD_GRID,
+    seed: int = 0,
+    max_iter: int = 300,
+) -> dict[str, Any]:
     """Choose the penalty on a held-out 20% of train, refit on all of train, score val."""
     if len(train_y) < 5 or len(val_y) == 0:
         raise ConfigError(
@@ -118,8 +130,10 @@ def probe_features(
     for wd in wd_grid:
         lin = fit_linear(tx[fit], train_y[fit], num_classes, wd, max_iter)
         logits = lin(tx[hold])
-        scores[wd] = (topk_accuracy(logits, train_y[hold], 1),
-                      F.cross_entropy(logits, train_y[hold]).item())  # fmt: skip
+        scores[wd] = (
+            topk_accuracy(logits, train_y[hold], 1),
+            F.cross_entropy(logits, train_y[hold]).item(),
+        )
     # Best held-out top-1; ties go to the lower held-out loss.
     best = max(wd_grid, key=lambda w: (scores[w][0], -scores[w][1]))
     lin = fit_linear(tx, train_y, num_classes, best, max_iter)

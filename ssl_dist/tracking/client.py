@@ -118,12 +118,14 @@ def bounded(fn: Callable[[], T], timeout_s: float, what: str) -> T | None:
     t.start()
     t.join(timeout_s)
     if t.is_alive():
-        warnings.warn(f"MLflow: {what} took over {timeout_s:.0f}s; going on without it",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"MLflow: {what} took over {timeout_s:.0f}s; going on without it", stacklevel=2
+        )
         return None
     if "error" in box:
         e = box["error"]
-        warnings.warn(f"MLflow: {what} failed ({type(e).__name__}: {e}); going on without it",
-                      stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"MLflow: {what} failed ({type(e).__name__}: {e}); going on without it", stacklevel=2
+        )
         return None
     return box.get("value")

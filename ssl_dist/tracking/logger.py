@@ -26,8 +26,15 @@ class RunLogger:
     the driver started) the thread finds or creates the run once the server answers.
     """
 
-    def __init__(self, cfg, uri: str, run_id: str | None, max_metrics: int = 20000,
-                 max_artifact_sets: int = 2, retry_max_s: float = 10.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        cfg,
+        uri: str,
+        run_id: str | None,
+        max_metrics: int = 20000,
+        max_artifact_sets: int = 2,
+        retry_max_s: float = 10.0,
+    ) -> None:
         self.cfg, self.uri, self.run_id = cfg, uri, run_id
         self.max_artifact_sets, self.retry_max_s = max_artifact_sets, retry_max_s
         self._metrics: collections.deque = collections.deque(maxlen=max_metrics)
@@ -88,10 +95,13 @@ class RunLogger:
         with self._cond:
             left = len(self._metrics) + len(self._artifacts) + len(self._tags)
         if left or self.dropped_metrics or self.dropped_artifacts:
-            warnings.warn(f"MLflow: {left} buffered items not sent, {self.dropped_metrics} "
-                          f"metric values and {self.dropped_artifacts} checkpoint artifact sets "
-                          f"dropped while the server was unreachable (last error: "
-                          f"{self.last_error})", stacklevel=2)  # fmt: skip
+            warnings.warn(
+                f"MLflow: {left} buffered items not sent, {self.dropped_metrics} "
+                f"metric values and {self.dropped_artifacts} checkpoint artifact sets "
+                f"dropped while the server was unreachable (last error: "
+                f"{self.last_error})",
+                stacklevel=2,
+            )
         if not self._thread.is_alive():
             shutil.rmtree(self._tmp, ignore_errors=True)
         return left == 0
@@ -108,8 +118,9 @@ class RunLogger:
             try:
                 self._send()
                 if self._warned:
-                    print(f"MLflow: reachable again at {self.uri}; buffered metrics sent",
-                          flush=True)  # fmt: skip
+                    print(
+                        f"MLflow: reachable again at {self.uri}; buffered metrics sent", flush=True
+                    )
                     self._warned = False
                 backoff = 0.5
             except Exception as e:  # noqa: BLE001 (tracking never breaks training)

@@ -94,8 +94,11 @@ def finish_run(
     if not cfg.tracking.enabled:
         return None
     uri = resolve_uri(cfg.tracking.uri, cfg.run.storage_path)
-    return bounded(lambda: _finish(cfg, uri, Path(checkpoint_dir), final_metrics, sample),
-                   FINISH_TIMEOUT_S, f"register the encoder at {uri}")  # fmt: skip
+    return bounded(
+        lambda: _finish(cfg, uri, Path(checkpoint_dir), final_metrics, sample),
+        FINISH_TIMEOUT_S,
+        f"register the encoder at {uri}",
+    )
 
 
 def _finish(
@@ -116,8 +119,11 @@ def _finish(
         c.set_tag(run_id, "ssl_dist.paused_at_step", str(step))
         return {"run_id": run_id, "paused_at_step": step}
     name = cfg.tracking.model_name
-    done = [v for v in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
-            if v.tags.get("ssl_dist.step") == str(step)]  # fmt: skip
+    done = [
+        v
+        for v in c.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        if v.tags.get("ssl_dist.step") == str(step)
+    ]
     if done:
         # Finished before (a job that crashed after registering and is run again): the same
         # version, not a duplicate.
@@ -125,8 +131,12 @@ def _finish(
         if cfg.tracking.alias.lower() != "latest":
             c.set_registered_model_alias(name, cfg.tracking.alias, version.version)
         c.set_terminated(run_id, "FINISHED")
-        return {"run_id": run_id, "model_uri": version.source, "version": version.version,
-                "registered": f"models:/{name}@{cfg.tracking.alias}"}  # fmt: skip
+        return {
+            "run_id": run_id,
+            "model_uri": version.source,
+            "version": version.version,
+            "registered": f"models:/{name}@{cfg.tracking.alias}",
+        }
     c.log_figure(run_id, curves_figure(c, run_id), "figures/loss_lr.png")
     if sample is not None:
         figure = embedding_figure(sample.features, sample.labels, sample.classes)
@@ -136,9 +146,12 @@ def _finish(
         with mlflow.start_run(run_id=run_id):
             info = log_encoder_model(ckpt, sample)
         version = mlflow.register_model(info.model_uri, cfg.tracking.model_name)
-    tags = {"ssl_dist.run_key": run_key(cfg.run.storage_path, cfg.run.name),
-            "ssl_dist.step": str(step), "ssl_dist.method": cfg.method.name,
-            "ssl_dist.data_manifest": cfg.data.manifest}  # fmt: skip
+    tags = {
+        "ssl_dist.run_key": run_key(cfg.run.storage_path, cfg.run.name),
+        "ssl_dist.step": str(step),
+        "ssl_dist.method": cfg.method.name,
+        "ssl_dist.data_manifest": cfg.data.manifest,
+    }
     tags.update(manifest_tag(cfg.data.manifest))
     for k, v in tags.items():
         c.set_model_version_tag(cfg.tracking.model_name, version.version, k, v)
@@ -146,8 +159,12 @@ def _finish(
         # MLflow reserves `latest`: `models:/name@latest` always resolves to the newest version.
         c.set_registered_model_alias(cfg.tracking.model_name, cfg.tracking.alias, version.version)
     c.set_terminated(run_id, "FINISHED")
-    return {"run_id": run_id, "model_uri": info.model_uri, "version": version.version,
-            "registered": f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}"}  # fmt: skip
+    return {
+        "run_id": run_id,
+        "model_uri": info.model_uri,
+        "version": version.version,
+        "registered": f"models:/{cfg.tracking.model_name}@{cfg.tracking.alias}",
+    }
 
 
 MODEL_REQUIREMENTS = ("torch", "timm", "safetensors", "numpy", "pyyaml")

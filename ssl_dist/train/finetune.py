@@ -75,10 +75,14 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     seconds = time.perf_counter() - start
     full = zero.consolidated_state_dict(engine)  # a collective under ZeRO-3: every rank
     metrics: dict[str, Any] = {
-        "steps": step, "epochs": cfg.run.epochs, "train_loss": mean, "train_seconds": seconds,
-        "world_size": world_size, "global_batch": plan.global_batch,
+        "steps": step,
+        "epochs": cfg.run.epochs,
+        "train_loss": mean,
+        "train_seconds": seconds,
+        "world_size": world_size,
+        "global_batch": plan.global_batch,
         "train_samples_per_epoch": plan.batches_per_epoch * cfg.data.batch_size * world_size,
-    }  # fmt: skip
+    }
     with tempfile.TemporaryDirectory(prefix="ssl-dist-finetune-") as tmp:
         checkpoint = None
         if rank == 0:
@@ -120,15 +124,20 @@ class _EpochLoss(Hook):
         self.sum.zero_()
         self.batches = 0
         if self.rank == 0:
-            print(f"finetune epoch {epoch}/{self.epochs}: step {step}, train loss "
-                  f"{self.last:.4f}", file=sys.stderr)  # fmt: skip
+            print(
+                f"finetune epoch {epoch}/{self.epochs}: step {step}, train loss {self.last:.4f}",
+                file=sys.stderr,
+            )
 
 
 @torch.no_grad()
 def evaluate(
-    model: Classifier, data: DataConfig, views: Any, num_classes: int,
+    model: Classifier,
+    data: DataConfig,
+    views: Any,
+    num_classes: int,
     device: torch.device | str = "cpu",
-) -> dict[str, Any]:  # fmt: skip
+) -> dict[str, Any]:
     """Top-1 / top-5 of a classifier on the val split (one process reads it all)."""
     was_training = model.training
     model.eval()

@@ -11,8 +11,11 @@ pytestmark = pytest.mark.e2e
 def ssl_dist(*args, cwd=None):
     return subprocess.run(
         [sys.executable, "-m", "ssl_dist.cli", *args],
-        capture_output=True, text=True, cwd=cwd, timeout=300,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize(
@@ -33,22 +36,34 @@ def test_bad_config_exits_2_with_one_line(args, needle):
 
 
 def test_print_config_resolves_recipe_and_overrides():
-    r = ssl_dist("pretrain", "-c", "launch/recipes/digits-demo.yaml", "-o", "optim.lr=0.7",
-                 "--print-config")  # fmt: skip
+    r = ssl_dist(
+        "pretrain", "-c", "launch/recipes/digits-demo.yaml", "-o", "optim.lr=0.7", "--print-config"
+    )
     assert r.returncode == 0, r.stderr
     assert "lr: 0.7" in r.stdout and "manifest: work/demo/data/manifest.json" in r.stdout
 
 
 def test_prepare_verify_stream(tmp_path):
     out = tmp_path / "digits"
-    r = ssl_dist("data", "prepare", "--source", "digits", "--out", str(out),
-                 "--samples-per-shard", "300")  # fmt: skip
+    r = ssl_dist(
+        "data", "prepare", "--source", "digits", "--out", str(out), "--samples-per-shard", "300"
+    )
     assert r.returncode == 0, r.stderr
     assert "train: 1438 samples in 5 shards" in r.stdout
     r = ssl_dist("data", "verify", str(out))
     assert r.returncode == 0 and "ok" in r.stdout
-    r = ssl_dist("data", "stream", "-o", f"data.manifest={out}/manifest.json",
-                 "-o", "data.batch_size=100", "--world-size", "2", "--rank", "1")  # fmt: skip
+    r = ssl_dist(
+        "data",
+        "stream",
+        "-o",
+        f"data.manifest={out}/manifest.json",
+        "-o",
+        "data.batch_size=100",
+        "--world-size",
+        "2",
+        "--rank",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     assert "streamed 5 batches / 500 images" in r.stdout
     # Refuses to write into a non-empty dir, without touching it.
@@ -64,8 +79,16 @@ def test_prepare_verify_stream(tmp_path):
 
 
 def test_bad_source_input_exits_2(tmp_path):
-    r = ssl_dist("data", "prepare", "--source", "fashion-mnist", "--input", str(tmp_path),
-                 "--out", str(tmp_path / "o"))  # fmt: skip
+    r = ssl_dist(
+        "data",
+        "prepare",
+        "--source",
+        "fashion-mnist",
+        "--input",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "o"),
+    )
     assert r.returncode == 2 and "dataset-fashion-mnist" in r.stderr
     assert not (tmp_path / "o").exists()
     r = ssl_dist("data", "prepare", "--source", "cifar", "--out", str(tmp_path / "o"))
@@ -80,8 +103,18 @@ def test_imagefolder(tmp_path):
         for i in range(6):
             Image.new("RGB", (12, 10), (i * 40, 0, 0)).save(tmp_path / "in" / c / f"{i}.jpg")
     out = tmp_path / "o"
-    r = ssl_dist("data", "prepare", "--source", "imagefolder", "--input", str(tmp_path / "in"),
-                 "--out", str(out), "--val-fraction", "0.25")  # fmt: skip
+    r = ssl_dist(
+        "data",
+        "prepare",
+        "--source",
+        "imagefolder",
+        "--input",
+        str(tmp_path / "in"),
+        "--out",
+        str(out),
+        "--val-fraction",
+        "0.25",
+    )
     assert r.returncode == 0, r.stderr
     assert "train: 9 samples" in r.stdout and "val: 3 samples" in r.stdout
     assert ssl_dist("data", "verify", str(out)).returncode == 0

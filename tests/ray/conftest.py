@@ -42,9 +42,13 @@ def tiny_cfg(digits_shards, tmp_path):
     def make(*overrides: str):
         return load_config(
             "launch/recipes/tiny.yaml",
-            [f"data.manifest={digits_shards}/manifest.json", "tracking.enabled=false",
-             f"run.storage_path={tmp_path}/runs", *overrides],
-        )  # fmt: skip
+            [
+                f"data.manifest={digits_shards}/manifest.json",
+                "tracking.enabled=false",
+                f"run.storage_path={tmp_path}/runs",
+                *overrides,
+            ],
+        )
 
     return make
 

@@ -21,8 +21,15 @@ def test_whole_bench_on_ray(tmp_path):
     quality.prepare_shards(tmp_path / "work", idx, samples_per_shard=20)
     out = tmp_path / "res" / "quality.json"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    doc = quality.run(out=out, work=tmp_path / "work", budget_min=0.25, input_dir=idx,
-                      overrides=TINY, tracking_uri=uri, supervised_threads=1)  # fmt: skip
+    doc = quality.run(
+        out=out,
+        work=tmp_path / "work",
+        budget_min=0.25,
+        input_dir=idx,
+        overrides=TINY,
+        tracking_uri=uri,
+        supervised_threads=1,
+    )
     saved = json.loads(out.read_text())
     encoders = [r["encoder"] for r in saved["rows"]]
     assert encoders[:3] == ["raw pixels 32px", "raw pixels 28px", "random init"]
@@ -36,6 +43,11 @@ def test_whole_bench_on_ray(tmp_path):
     assert run["mlflow"]["run_id"] and "version" in run["mlflow"]
     assert out.with_suffix(".png").stat().st_size > 1000
     assert doc["mlflow_run_id"] and saved["mlflow_run_id"] == doc["mlflow_run_id"]
-    assert {"prepare_s", "simclr_calibrate_s", "simclr_pretrain_s", "simclr_probes_s",
-            "supervised_train_s"} <= set(saved["phases_s"])  # fmt: skip
+    assert {
+        "prepare_s",
+        "simclr_calibrate_s",
+        "simclr_pretrain_s",
+        "simclr_probes_s",
+        "supervised_train_s",
+    } <= set(saved["phases_s"])
     assert all(0.0 <= r["probe_top1"] <= 1.0 for r in saved["rows"])

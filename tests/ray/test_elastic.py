@@ -95,8 +95,11 @@ def _grow_then_shrink(cluster, run_dir: Path, done: threading.Event, events: lis
         time.sleep(0.2)
     _refresh_coordinator()
     events.append(("removed", seen["step"], time.time()))
-    print(f"EVENT removed at step {seen['step']} {time.strftime('%X')} "
-          f"(dead after {time.time() - t:.1f}s)", flush=True)  # fmt: skip
+    print(
+        f"EVENT removed at step {seen['step']} {time.strftime('%X')} "
+        f"(dead after {time.time() - t:.1f}s)",
+        flush=True,
+    )
 
 
 def _changes(sizes: list[int]) -> list[int]:
@@ -104,11 +107,20 @@ def _changes(sizes: list[int]) -> list[int]:
 
 
 def test_node_joins_then_leaves(elastic_cluster, tiny_cfg):
-    cfg = tiny_cfg("run.name=elastic", "scaling.num_workers=[1,3]", "zero.stage=1",
-                   "method.name=moco_v2", "method.queue_size=96", f"run.max_steps={MAX_STEPS}",
-                   "run.epochs=100", "run.checkpoint_every=5", "run.log_every=5",
-                   "run.max_failures=3", "tracking.enabled=true",
-                   "tracking.knn_every_epochs=0")  # fmt: skip
+    cfg = tiny_cfg(
+        "run.name=elastic",
+        "scaling.num_workers=[1,3]",
+        "zero.stage=1",
+        "method.name=moco_v2",
+        "method.queue_size=96",
+        f"run.max_steps={MAX_STEPS}",
+        "run.epochs=100",
+        "run.checkpoint_every=5",
+        "run.log_every=5",
+        "run.max_failures=3",
+        "tracking.enabled=true",
+        "tracking.knn_every_epochs=0",
+    )
     run_dir = Path(cfg.run.storage_path) / cfg.run.name
     done, events = threading.Event(), []
     watcher = threading.Thread(

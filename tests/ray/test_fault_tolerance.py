@@ -33,9 +33,10 @@ def _kill_a_worker_after_checkpoint(run_dir: Path, min_step: int, killed: list) 
         ):
             # Ray titles each actor process "ray::<Class>...".
             workers = [
-                p.pid for p in psutil.process_iter(["cmdline"])
+                p.pid
+                for p in psutil.process_iter(["cmdline"])
                 if any("ray::RayTrainWorker" in c for c in p.info["cmdline"] or [])
-            ]  # fmt: skip
+            ]
             if workers:
                 pid = max(workers)
                 os.kill(pid, signal.SIGKILL)
@@ -49,13 +50,21 @@ def test_killed_worker_resumes_and_finishes(two_node_cluster, tiny_cfg, tmp_path
 
     nodes = [n for n in ray.nodes() if n["Alive"]]
     assert len(nodes) == 2
-    cfg = tiny_cfg("run.name=ft", "run.max_steps=100", "run.epochs=10", "run.checkpoint_every=5",
-                   "run.max_failures=2", "method.name=moco_v2", "zero.stage=1")  # fmt: skip
+    cfg = tiny_cfg(
+        "run.name=ft",
+        "run.max_steps=100",
+        "run.epochs=10",
+        "run.checkpoint_every=5",
+        "run.max_failures=2",
+        "method.name=moco_v2",
+        "zero.stage=1",
+    )
     killed: list = []
     watcher = threading.Thread(
         target=_kill_a_worker_after_checkpoint,
-        args=(Path(cfg.run.storage_path) / "ft", 5, killed), daemon=True,
-    )  # fmt: skip
+        args=(Path(cfg.run.storage_path) / "ft", 5, killed),
+        daemon=True,
+    )
     watcher.start()
     final = Path(pretrain(cfg)[0])
     watcher.join(timeout=5)

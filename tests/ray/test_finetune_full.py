@@ -28,10 +28,20 @@ def test_full_finetune_two_workers_learns_and_is_logged(
     write_artifact(src, {k: v.float() for k, v in init.items()}, cfg)
     uri = f"sqlite:///{tmp_path}/mlflow.db"
 
-    r = run_finetune(str(src), digits_shards, "full", tracking_uri=uri, epochs=2, lr=0.3,
-                     num_workers=2, storage_path=str(tmp_path / "runs"))  # fmt: skip
-    print(f"\nfull fine-tune of the tiny encoder, 2 workers x 2 epochs ({r['steps']} steps): "
-          f"top-1 {r['top1']:.1%}, top-5 {r['top5']:.1%}, {r['seconds']:.0f}s")  # fmt: skip
+    r = run_finetune(
+        str(src),
+        digits_shards,
+        "full",
+        tracking_uri=uri,
+        epochs=2,
+        lr=0.3,
+        num_workers=2,
+        storage_path=str(tmp_path / "runs"),
+    )
+    print(
+        f"\nfull fine-tune of the tiny encoder, 2 workers x 2 epochs ({r['steps']} steps): "
+        f"top-1 {r['top1']:.1%}, top-5 {r['top5']:.1%}, {r['seconds']:.0f}s"
+    )
 
     # 1438 train samples in 15 shards of <= 100: each rank is sure of 7 shards (638 samples),
     # 39 batches of 16 per epoch.

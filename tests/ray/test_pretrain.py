@@ -28,12 +28,23 @@ def _final(result: tuple) -> Path:
 # one view) and trains through the same runtime and worker loop.
 @pytest.mark.parametrize(
     ("method", "stage"),
-    [("simclr", 0), ("simclr", 3), ("moco_v3", 1), ("moco_v3", 3), ("moco_v2", 0), ("moco_v2", 3),
-     ("rotation", 2)],
-)  # fmt: skip
+    [
+        ("simclr", 0),
+        ("simclr", 3),
+        ("moco_v3", 1),
+        ("moco_v3", 3),
+        ("moco_v2", 0),
+        ("moco_v2", 3),
+        ("rotation", 2),
+    ],
+)
 def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
-    cfg = tiny_cfg(f"method.name={method}", f"zero.stage={stage}", "run.max_steps=2",
-                   f"run.name={method}-z{stage}")  # fmt: skip
+    cfg = tiny_cfg(
+        f"method.name={method}",
+        f"zero.stage={stage}",
+        "run.max_steps=2",
+        f"run.name={method}-z{stage}",
+    )
     d = _final(pretrain(cfg))
     state = json.loads((d / STATE).read_text())
     assert state["step"] == 2 and state["world_size"] == 2
@@ -48,8 +59,12 @@ def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
 # MoCo v2 under ZeRO-2: queue, momentum encoder, partitioned optimizer and RNG all round-trip.
 @pytest.mark.parametrize(("method", "stage"), [("moco_v2", 2)])
 def test_resume_matches_uninterrupted(local_ray, tiny_cfg, method, stage):
-    common = [f"method.name={method}", f"zero.stage={stage}", "run.max_steps=6",
-              "run.checkpoint_every=100"]  # fmt: skip
+    common = [
+        f"method.name={method}",
+        f"zero.stage={stage}",
+        "run.max_steps=6",
+        "run.checkpoint_every=100",
+    ]
     straight = read_weights(_final(pretrain(tiny_cfg(*common, "run.name=straight"))) / ENCODER)
     first = _final(pretrain(tiny_cfg(*common, "run.name=split", "run.stop_at_step=3")))
     stopped = json.loads((first / STATE).read_text())
@@ -72,9 +87,17 @@ def test_time_limit_stops_with_a_checkpoint(local_ray, tiny_cfg):
 
     limit = 20.0
     start = time.perf_counter()
-    d = _final(pretrain(tiny_cfg("run.name=timed", "run.epochs=100000", "run.max_steps=100000",
-                                     "run.checkpoint_every=100000",
-                                     f"run.time_limit_s={limit}")))  # fmt: skip
+    d = _final(
+        pretrain(
+            tiny_cfg(
+                "run.name=timed",
+                "run.epochs=100000",
+                "run.max_steps=100000",
+                "run.checkpoint_every=100000",
+                f"run.time_limit_s={limit}",
+            )
+        )
+    )
     wall = time.perf_counter() - start
     state = json.loads((d / STATE).read_text())
     assert 1 <= state["step"] < 100000 and state["stopped"] == "time_limit"

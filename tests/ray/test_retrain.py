@@ -23,12 +23,22 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 @pytest.fixture
 def retrain_cfg(digits_shards, tmp_path):
     def make(*overrides: str):
-        return load_config("launch/recipes/digits-demo.yaml", [
-            f"data.manifest={digits_shards}/manifest.json", "data.image_size=16",
-            "model.widths=[8,16,32,64]", "model.depths=[1,1,1,1]", "tracking.knn_every_epochs=0",
-            f"run.storage_path={tmp_path}/runs", "run.checkpoint_every=1000",
-            f"retrain.eval_data={digits_shards}", "retrain.margin=0.02",
-            "tracking.model_name=digits", *overrides])  # fmt: skip
+        return load_config(
+            "launch/recipes/digits-demo.yaml",
+            [
+                f"data.manifest={digits_shards}/manifest.json",
+                "data.image_size=16",
+                "model.widths=[8,16,32,64]",
+                "model.depths=[1,1,1,1]",
+                "tracking.knn_every_epochs=0",
+                f"run.storage_path={tmp_path}/runs",
+                "run.checkpoint_every=1000",
+                f"retrain.eval_data={digits_shards}",
+                "retrain.margin=0.02",
+                "tracking.model_name=digits",
+                *overrides,
+            ],
+        )
 
     return make
 
@@ -60,9 +70,11 @@ def test_champion_challenger(local_ray, retrain_cfg, capsys):
     refused = c.get_model_version("digits", third.challenger_version).tags
     assert refused["ssl_dist.retrain_decision"] == "kept"
     assert float(refused["ssl_dist.retrain_challenger_top1"]) == pytest.approx(
-        third.challenger_top1, abs=1e-6)  # fmt: skip
+        third.challenger_top1, abs=1e-6
+    )
     assert float(refused["ssl_dist.retrain_champion_top1"]) == pytest.approx(
-        third.champion_top1, abs=1e-6)  # fmt: skip
+        third.champion_top1, abs=1e-6
+    )
     champ = c.get_model_version("digits", second.challenger_version).tags
     assert champ["ssl_dist.retrain_decision"] == "promoted"
     assert champ[f"ssl_dist.challenged_by_v{third.challenger_version}"].startswith("kept")
@@ -77,15 +89,36 @@ def test_second_job_refused_while_the_lock_is_held(retrain_cfg, tmp_path):
     lock = Path(cfg.run.storage_path) / "locks" / "retrain-digits.lock"
     lock.parent.mkdir(parents=True)
     # Held by a live process of this host (this test).
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": os.getpid(),
-                                "started": time.time(), "owner": "another job"}))  # fmt: skip
+    lock.write_text(
+        json.dumps(
+            {
+                "host": os.uname().nodename,
+                "pid": os.getpid(),
+                "started": time.time(),
+                "owner": "another job",
+            }
+        )
+    )
     ssl_dist = Path(sys.executable).with_name("ssl-dist")
     t = time.perf_counter()
-    r = subprocess.run([str(ssl_dist), "retrain", "-c", "launch/recipes/digits-demo.yaml",
-                        "-o", f"data.manifest={cfg.data.manifest}",
-                        "-o", f"run.storage_path={cfg.run.storage_path}",
-                        "-o", "tracking.model_name=digits", "--eval-data",
-                        str(cfg.retrain.eval_data)], capture_output=True, text=True)  # fmt: skip
+    r = subprocess.run(
+        [
+            str(ssl_dist),
+            "retrain",
+            "-c",
+            "launch/recipes/digits-demo.yaml",
+            "-o",
+            f"data.manifest={cfg.data.manifest}",
+            "-o",
+            f"run.storage_path={cfg.run.storage_path}",
+            "-o",
+            "tracking.model_name=digits",
+            "--eval-data",
+            str(cfg.retrain.eval_data),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 3, r.stderr
     assert "another retrain holds" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert time.perf_counter() - t < 60

@@ -36,10 +36,18 @@ def _runs(uri: str, cfg):
 
 def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflow_server):
     uri = mlflow_server.uri
-    common = ["tracking.enabled=true", f"tracking.uri={uri}", "tracking.alias=candidate",
-              "tracking.model_name=tiny-encoder", "run.name=tracked", f"run.max_steps={LAST}",
-              "run.epochs=5", "run.checkpoint_every=2", "run.max_failures=1",
-              "tracking.system_metrics_s=1"]  # fmt: skip
+    common = [
+        "tracking.enabled=true",
+        f"tracking.uri={uri}",
+        "tracking.alias=candidate",
+        "tracking.model_name=tiny-encoder",
+        "run.name=tracked",
+        f"run.max_steps={LAST}",
+        "run.epochs=5",
+        "run.checkpoint_every=2",
+        "run.max_failures=1",
+        "tracking.system_metrics_s=1",
+    ]
     # Segment 1: a time-boxed job stops at step 4 (checkpointed); nothing is registered yet.
     _, first = pretrain(tiny_cfg(*common, "run.stop_at_step=4"))
     assert first["mlflow"]["paused_at_step"] == 4
@@ -47,9 +55,11 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     # Segment 2: the same run name continues; a worker is killed after a checkpoint at >= 6.
     cfg = tiny_cfg(*common)
     killed: list = []
-    watcher = threading.Thread(target=_kill_a_worker_after_checkpoint,
-                               args=(Path(cfg.run.storage_path) / "tracked", 6, killed),
-                               daemon=True)  # fmt: skip
+    watcher = threading.Thread(
+        target=_kill_a_worker_after_checkpoint,
+        args=(Path(cfg.run.storage_path) / "tracked", 6, killed),
+        daemon=True,
+    )
     watcher.start()
     path, metrics = pretrain(cfg)
     watcher.join(timeout=5)
@@ -117,8 +127,12 @@ def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path
     # 1. Nothing listens at the tracking URI: training runs and checkpoints as usual.
     dead = f"http://127.0.0.1:{free_port()}"
     # A short flush at the end: what matters is that training finishes, not the retries.
-    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={dead}", "run.name=down",
-                   "tracking.flush_timeout_s=5")  # fmt: skip
+    cfg = tiny_cfg(
+        "tracking.enabled=true",
+        f"tracking.uri={dead}",
+        "run.name=down",
+        "tracking.flush_timeout_s=5",
+    )
     t = time.perf_counter()
     with pytest.warns(UserWarning, match="MLflow"):
         path, metrics = pretrain(cfg)
@@ -128,9 +142,15 @@ def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path
 
     # 2. The server answers at first, then dies mid-run (SIGKILL, for good).
     server = MlflowServer(tmp_path / "server").start()
-    cfg = tiny_cfg("tracking.enabled=true", f"tracking.uri={server.uri}", "run.name=dies",
-                   "run.max_steps=40", "run.epochs=10", "run.checkpoint_every=10",
-                   "tracking.flush_timeout_s=5")  # fmt: skip
+    cfg = tiny_cfg(
+        "tracking.enabled=true",
+        f"tracking.uri={server.uri}",
+        "run.name=dies",
+        "run.max_steps=40",
+        "run.epochs=10",
+        "run.checkpoint_every=10",
+        "tracking.flush_timeout_s=5",
+    )
     c = tracking.client(server.uri)
 
     def kill_after_first_metrics() -> None:

@@ -28,8 +28,11 @@ def _simclr():
 
 
 def _cfg(**sections) -> Config:
-    base = {"data": {"batch_size": 10}, "optim": {"lr": 0.1, "base_batch": 10},
-            "run": {"epochs": 3}}  # fmt: skip
+    base = {
+        "data": {"batch_size": 10},
+        "optim": {"lr": 0.1, "base_batch": 10},
+        "run": {"epochs": 3},
+    }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
     return Config.model_validate(base)
@@ -72,9 +75,10 @@ def test_keep_global_batch_refuses_what_does_not_divide() -> None:
         elastic_plan(cfg, SHARDS, 3, first_size=2)
 
 
-@pytest.mark.parametrize(("old", "new", "before", "after", "epoch"),
-                         [(2, 3, 30, 20, 0), (3, 2, 21, 31, 0), (2, 1, 25, 50, 0),
-                          (1, 4, 99, 24, 0), (2, 5, 59, 0, 1)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("old", "new", "before", "after", "epoch"),
+    [(2, 3, 30, 20, 0), (3, 2, 21, 31, 0), (2, 1, 25, 50, 0), (1, 4, 99, 24, 0), (2, 5, 59, 0, 1)],
+)
 def test_resize_maps_the_stream_position(old, new, before, after, epoch) -> None:
     cfg = _cfg()
     plan, micro = elastic_plan(cfg, SHARDS, new, first_size=old)
@@ -91,8 +95,10 @@ def test_resize_rounds_the_position_down_to_whole_steps() -> None:
     assert micro == 2 and state.batch_in_epoch == 4  # 16 // 3 = 5 micro-batches: 2 steps
 
 
-@pytest.mark.parametrize(("ptr", "new", "moved"), [(32, 3, 48), (64, 3, 72), (56, 2, 64),
-                                                   (90, 3, 0), (0, 3, 0), (40, 1, 40)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("ptr", "new", "moved"),
+    [(32, 3, 48), (64, 3, 72), (56, 2, 64), (90, 3, 0), (0, 3, 0), (40, 1, 40)],
+)
 def test_resize_aligns_the_moco_queue_pointer(ptr: int, new: int, moved: int) -> None:
     cfg = _cfg(data={"batch_size": 8}, method={"name": "moco_v2", "queue_size": 96})
     plan, micro = elastic_plan(cfg, SHARDS, new, first_size=2)

@@ -90,10 +90,16 @@ def pretrained(digits_dir, tmp_path_factory) -> tuple[Path, Config]:
     """80 SimCLR steps of a small ResNet on 16 px digits (run_local, ~15 s), as a checkpoint."""
     cfg = load_config(
         RECIPES / "digits-demo.yaml",
-        [f"data.manifest={digits_dir}/manifest.json", "data.image_size=16",
-         "data.batch_size=64", "model.widths=[8, 16, 32, 64]", "model.depths=[1, 1, 1, 1]",
-         "run.epochs=100", "run.max_steps=80"],
-    )  # fmt: skip
+        [
+            f"data.manifest={digits_dir}/manifest.json",
+            "data.image_size=16",
+            "data.batch_size=64",
+            "model.widths=[8, 16, 32, 64]",
+            "model.depths=[1, 1, 1, 1]",
+            "run.epochs=100",
+            "run.max_steps=80",
+        ],
+    )
     built = []
 
     def keep(c: Config):  # the real build_model; kept to read the trained encoder afterwards
@@ -144,8 +150,11 @@ class _Payload:
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ssl_dist.cli", *args],
-        capture_output=True, text=True, timeout=120, cwd=cwd,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+    )
 
 
 @pytest.mark.e2e
@@ -164,8 +173,17 @@ def test_finetune_refuses_pickled_weights(tmp_path, digits_dir, kind):
         (d / ENCODER).write_bytes(pickle.dumps(_Payload(marker)))
     else:
         torch.save({"stem.weight": _Payload(marker)}, d / "model.pt")
-    r = _cli("finetune", "--model", str(d), "--data", str(digits_dir), "--mode", "linear",
-             "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db")  # fmt: skip
+    r = _cli(
+        "finetune",
+        "--model",
+        str(d),
+        "--data",
+        str(digits_dir),
+        "--mode",
+        "linear",
+        "--tracking-uri",
+        f"sqlite:///{tmp_path}/mlflow.db",
+    )
     assert r.returncode == 2, r.stderr
     assert "refusing to load" in r.stderr and "only safetensors weights are loaded" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
@@ -192,8 +210,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, digits_dir, monkeypatch, caps
     d = write_checkpoint(tmp_path / "ckpt", init_tensors(cfg), cfg)
     given = {"--model": str(d), "--data": str(digits_dir), "--mode": "linear"}
     given.update(dict(zip(args[::2], args[1::2], strict=True)))
-    monkeypatch.setattr(sys, "argv", ["ssl-dist", "finetune", *(x for kv in given.items()
-                                                               for x in kv)])  # fmt: skip
+    monkeypatch.setattr(
+        sys, "argv", ["ssl-dist", "finetune", *(x for kv in given.items() for x in kv)]
+    )
     with pytest.raises(SystemExit) as e:
         cli.main()
     err = capsys.readouterr().err
@@ -222,18 +241,24 @@ def test_registered_model_sources_lineage_and_tags(tmp_path, digits_dir, monkeyp
     with tracking.mlflow_uris(uri), mlflow.start_run(experiment_id=exp) as run:
         mlflow.log_artifacts(str(ckpt), "checkpoint")
         info = mlflow.pyfunc.log_model(
-            name="encoder", python_model=str(code), pip_requirements=["torch"],
+            name="encoder",
+            python_model=str(code),
+            pip_requirements=["torch"],
             artifacts={"encoder": str(ckpt / ENCODER), "config": str(ckpt / CONFIG)},
             registered_model_name="digits-encoder",
-        )  # fmt: skip
+        )
     version = str(info.registered_model_version)
     client.set_registered_model_alias("digits-encoder", "champion", version)
     run_id = run.info.run_id
 
     for uri_form in ("models:/digits-encoder@champion", f"models:/digits-encoder/{version}"):
         src = load_source(uri_form, uri)
-        assert src.lineage == {"uri": uri_form, "model_name": "digits-encoder",
-                               "model_version": version, "run_id": run_id}  # fmt: skip
+        assert src.lineage == {
+            "uri": uri_form,
+            "model_name": "digits-encoder",
+            "model_version": version,
+            "run_id": run_id,
+        }
         assert src.cfg == cfg
         assert src.tensors.keys() == tensors.keys()
         assert all(torch.equal(src.tensors[k].float(), tensors[k].float()) for k in tensors)
@@ -270,8 +295,9 @@ def test_tracking_down_does_not_fail_the_probe(tmp_path, digits_dir, monkeypatch
     cfg = tiny_cfg(digits_dir)
     d = write_checkpoint(tmp_path / "ckpt", init_tensors(cfg), cfg)
     with pytest.warns(UserWarning, match="MLflow"):
-        r = run_finetune(str(d), digits_dir, "linear", tracking_uri="http://127.0.0.1:9",
-                         log_timeout_s=20)  # fmt: skip
+        r = run_finetune(
+            str(d), digits_dir, "linear", tracking_uri="http://127.0.0.1:9", log_timeout_s=20
+        )
     assert r["mlflow_run_id"] is None and r["top1"] > 0.1
     assert r["source"] == {"uri": str(d.resolve())}
 
@@ -282,9 +308,15 @@ def test_finishing_a_run_twice_registers_one_version(tmp_path, digits_dir, monke
     from ssl_dist.train.checkpoint import STATE, TrainState
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_config(RECIPES / "tiny.yaml", [f"data.manifest={digits_dir}/manifest.json",
-                      f"run.storage_path={tmp_path}/runs", "tracking.model_name=twice",
-                      "tracking.alias=candidate"])  # fmt: skip
+    cfg = load_config(
+        RECIPES / "tiny.yaml",
+        [
+            f"data.manifest={digits_dir}/manifest.json",
+            f"run.storage_path={tmp_path}/runs",
+            "tracking.model_name=twice",
+            "tracking.alias=candidate",
+        ],
+    )
     ckpt = write_checkpoint(tmp_path / "ckpt", init_tensors(cfg), cfg)
     run_id = tracking.find_or_create_run(cfg, tracking.resolve_uri(None, cfg.run.storage_path))
     (ckpt / STATE).write_text(TrainState(step=4, mlflow_run_id=run_id).to_json())

@@ -16,8 +16,10 @@ def test_manifest_round_trip(make_shards):
     again = read_manifest(out)
     assert again == manifest
     assert [s.name for s in again.splits["train"].shards] == [
-        "train-000000.tar", "train-000001.tar", "train-000002.tar",
-    ]  # fmt: skip
+        "train-000000.tar",
+        "train-000001.tar",
+        "train-000002.tar",
+    ]
     assert [s.samples for s in again.splits["train"].shards] == [10, 10, 5]
     assert again.splits["val"].samples == 7
     for split in again.splits.values():

@@ -15,8 +15,9 @@ pytestmark = pytest.mark.slow
 
 
 def _cfg(tmp_path, *overrides):
-    return load_config("launch/recipes/tiny.yaml",
-                       [f"run.storage_path={tmp_path}/runs", *overrides])  # fmt: skip
+    return load_config(
+        "launch/recipes/tiny.yaml", [f"run.storage_path={tmp_path}/runs", *overrides]
+    )
 
 
 def test_default_uri_is_sqlite_in_storage(tmp_path, monkeypatch):
