@@ -152,9 +152,7 @@ def test_counts_gathered_for_mlflow(make_shards):
     ranks = [stream(cfg, r, 2, 0) for r in range(2)]
     for s in ranks:
         list(s)
-    damage = EpochDamage.from_rows(
-        torch.stack([s.stats.row(names) for s in ranks]), names
-    )
+    damage = EpochDamage.from_rows(torch.stack([s.stats.row(names) for s in ranks]), names)
     hit = next(r for r, s in enumerate(ranks) if s.stats.shards)
     lost = ranks[hit].stats.lost
     assert lost > 0 and damage.damaged == ["train-000003.tar"]
