@@ -26,9 +26,10 @@ from ssl_dist.dist.spawn import run_world
 from ssl_dist.models import cosine_momentum, ema_update, make_momentum_copy
 from ssl_dist.optim import build_optimizer, lr_at, param_groups
 
-pytestmark = pytest.mark.dist
-
 WORLD = 2
+WORLD_TIMEOUT_S = 400  # the first DeepSpeed engine on a fresh machine JIT-compiles an op (~80 s)
+# The world runs in the first test's setup: pytest's limit is the world's own timeout.
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(WORLD_TIMEOUT_S + 30)]
 MICRO = 3  # samples per rank per micro-batch
 N = 2  # steps before the checkpoint; runs train 2 * N steps
 TOTAL = 2 * N
@@ -201,8 +202,7 @@ def optim_param_groups(engine: Any) -> list[list[Tensor]]:
 @pytest.fixture(scope="module")
 def world(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict[str, Any]], Path]:
     root = tmp_path_factory.mktemp("zero")
-    # Generous timeout: the first DeepSpeed engine on a fresh machine JIT-compiles an op (~80 s).
-    return run_world(_world, WORLD, str(root), timeout=400), root
+    return run_world(_world, WORLD, str(root), timeout=WORLD_TIMEOUT_S), root
 
 
 def _max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:

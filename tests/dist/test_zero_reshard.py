@@ -29,7 +29,8 @@ from ssl_dist.dist.spawn import run_world
 from ssl_dist.models import cosine_momentum, ema_update, make_momentum_copy
 from ssl_dist.optim import lr_at
 
-pytestmark = pytest.mark.dist
+# The module's worlds run in the first test's setup: pytest's limit is their timeouts added up.
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(400 + 3 * 300)]
 
 GLOBAL = 12  # samples per optimizer step, split over 1, 2 or 3 ranks
 N, M = 2, 2  # steps before the first checkpoint; steps after each load
