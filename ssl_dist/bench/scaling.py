@@ -47,18 +47,37 @@ WARMUP = 5
 """Untimed steps at the start of every measurement (the trainer's own ``_Speed.WARMUP``)."""
 WORLD_TIMEOUT_S = 1800.0
 """Seconds the phase timing's gloo group may take in all, also its collectives' timeout."""
-PHASES = ("data", "inputs", "forward", "gather_fwd", "backward", "gather_bwd", "grad_allreduce",
-          "optimizer")  # fmt: skip
+PHASES = (
+    "data",
+    "inputs",
+    "forward",
+    "gather_fwd",
+    "backward",
+    "gather_bwd",
+    "grad_allreduce",
+    "optimizer",
+)
 """Phases of a step as the step loop's :class:`PhaseClock` names them (``inputs``: the views)."""
-RATE_COLUMNS = ["runner", "nodes", "workers", "per_worker_batch", "images_s", "step_ms",
-                "scaling_eff", "vs_bare", "gflop_s", "of_peak"]  # fmt: skip
+RATE_COLUMNS = [
+    "runner",
+    "nodes",
+    "workers",
+    "per_worker_batch",
+    "images_s",
+    "step_ms",
+    "scaling_eff",
+    "vs_bare",
+    "gflop_s",
+    "of_peak",
+]
 
 
 # ---------------------------------------------------------------- machine and model
 
 
-def matmul_gflops(threads: int, seconds: float = 2.0, n: int = 1024,
-                  dtype: torch.dtype = torch.float32) -> float:  # fmt: skip
+def matmul_gflops(
+    threads: int, seconds: float = 2.0, n: int = 1024, dtype: torch.dtype = torch.float32
+) -> float:
     """Sustained ``n x n`` matmul GFLOP/s with `threads` intra-op threads (best of 3 rounds)."""
     with torch_threads(threads):
         a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
@@ -91,15 +110,18 @@ def model_flops(cfg: Config, batch: int = 16) -> dict[str, float]:
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         method.encoder.eval()(x1)
-    return {"train_flops_per_image": float(train),
-            "encoder_forward_flops_per_view": float(counter.get_total_flops() / batch)}  # fmt: skip
+    return {
+        "train_flops_per_image": float(train),
+        "encoder_forward_flops_per_view": float(counter.get_total_flops() / batch),
+    }
 
 
 # ---------------------------------------------------------------- throughput
 
 
-def _cfg(base: Config, workers: int, global_batch: int, steps: int, storage: Path,
-         name: str) -> Config:  # fmt: skip
+def _cfg(
+    base: Config, workers: int, global_batch: int, steps: int, storage: Path, name: str
+) -> Config:
     c = base.model_copy(deep=True)
     c.scaling.num_workers = workers
     c.data.batch_size = global_batch // workers
@@ -109,6 +131,14 @@ def _cfg(base: Config, workers: int, global_batch: int, steps: int, storage: Pat
     c.run.name = f"{name}-{time.time_ns()}"
     c.tracking.enabled = False
     return c
+
+
+def _rate_row(
+    runner: str, nodes: int, workers: int, per_worker_batch: int, rate: dict[str, float]
+) -> dict[str, Any]:
+    """One row of the throughput table (`rate`: images_s, step_ms and what else was measured)."""
+    where = {"runner": runner, "nodes": nodes, "workers": workers}
+    return {**where, "per_worker_batch": per_worker_batch, **rate}
 
 
 def bare_rate(cfg: Config, threads: int) -> dict[str, float]:
@@ -222,10 +252,10 @@ def phase_shares(cfg: Config, steps: int, world: int = 2) -> list[dict[str, Any]
         med = dict(zip((*PHASES, "step"), values[:-1], strict=True))
         total = sum(med[p] for p in PHASES)
         for p in PHASES:
-            rows.append({"rank": rank, "phase": p, "ms": 1e3 * med[p],
-                         "share": med[p] / total if total else 0.0})  # fmt: skip
-        rows.append({"rank": rank, "phase": "step (median)", "ms": 1e3 * med["step"],
-                     "share": 1.0, "mean_ms": 1e3 * values[-1]})  # fmt: skip
+            share = med[p] / total if total else 0.0
+            rows.append({"rank": rank, "phase": p, "ms": 1e3 * med[p], "share": share})
+        step = {"rank": rank, "phase": "step (median)", "ms": 1e3 * med["step"], "share": 1.0}
+        rows.append({**step, "mean_ms": 1e3 * values[-1]})
     return rows
 
 
@@ -272,8 +302,7 @@ def run(
     rows: list[dict[str, Any]] = []
     _say(f"bare single-process loop, {cores} threads, batch {global_batch}")
     bare = bare_rate(_cfg(base, 1, global_batch, steps_all, storage, "bare"), cores)
-    rows.append({"runner": f"bare torch ({cores} threads)", "nodes": 1, "workers": 1,
-                 "per_worker_batch": global_batch, **bare})  # fmt: skip
+    rows.append(_rate_row(f"bare torch ({cores} threads)", 1, 1, global_batch, bare))
 
     ray.shutdown()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
@@ -281,8 +310,7 @@ def run(
         for workers in (1, 2):
             _say(f"Ray, {workers} worker(s), 1 node")
             rate = ray_rate(_cfg(base, workers, global_batch, steps_all, storage, f"w{workers}"))
-            rows.append({"runner": "ray + deepspeed", "nodes": 1, "workers": workers,
-                         "per_worker_batch": global_batch // workers, **rate})  # fmt: skip
+            rows.append(_rate_row("ray + deepspeed", 1, workers, global_batch // workers, rate))
     finally:
         ray.shutdown()
     if cluster:
@@ -294,8 +322,7 @@ def run(
             c.add_node(num_cpus=1)
             ray.init(address=c.address, log_to_driver=False)
             rate = ray_rate(_cfg(base, 2, global_batch, steps_all, storage, "cluster"))
-            rows.append({"runner": "ray + deepspeed", "nodes": 2, "workers": 2,
-                         "per_worker_batch": global_batch // 2, **rate})  # fmt: skip
+            rows.append(_rate_row("ray + deepspeed", 2, 2, global_batch // 2, rate))
         finally:
             ray.shutdown()
             c.shutdown()
@@ -312,23 +339,35 @@ def run(
     pc = _cfg(base, 2, global_batch, phase_steps, storage, "phases")
     phases = phase_shares(pc, phase_steps)
 
-    two = next(r for r in rows if r["runner"].startswith("ray") and r["workers"] == 2
-               and r["nodes"] == 1)  # fmt: skip
-    check = {"ray_2_workers_images_s": two["images_s"], "bare_images_s": bare["images_s"],
-             "ratio": two["vs_bare"], "target": 0.9, "ok": two["vs_bare"] >= 0.9}  # fmt: skip
+    two = next(
+        r for r in rows if r["runner"].startswith("ray") and r["workers"] == 2 and r["nodes"] == 1
+    )
+    check = {
+        "ray_2_workers_images_s": two["images_s"],
+        "bare_images_s": bare["images_s"],
+        "ratio": two["vs_bare"],
+        "target": 0.9,
+        "ok": two["vs_bare"] >= 0.9,
+    }
     machine_rows = [
         {"what": "fp32 matmul peak, 1 thread", "gflop_s": peak1},
         {"what": f"fp32 matmul peak, {cores} threads", "gflop_s": peak_all},
         {"what": f"bf16 matmul peak, {cores} threads (AMX where present)", "gflop_s": peak_bf16},
-        {"what": "model GFLOP per image, train step (2 views, fwd+bwd)",
-         "gflop_s": flops["train_flops_per_image"] / 1e9},
-        {"what": "model GFLOP per view, encoder forward",
-         "gflop_s": flops["encoder_forward_flops_per_view"] / 1e9},
-    ]  # fmt: skip
-    title = (f"scaling bench: fashion-mnist {base.data.image_size}px, {base.model.encoder} "
-             f"{tuple(base.model.widths)} depths {tuple(base.model.depths)}, "
-             f"{base.method.name}, global batch {global_batch}, {steps} timed steps "
-             f"(+{WARMUP} warm-up), fp32, 1 CPU per worker")  # fmt: skip
+        {
+            "what": "model GFLOP per image, train step (2 views, fwd+bwd)",
+            "gflop_s": flops["train_flops_per_image"] / 1e9,
+        },
+        {
+            "what": "model GFLOP per view, encoder forward",
+            "gflop_s": flops["encoder_forward_flops_per_view"] / 1e9,
+        },
+    ]
+    title = (
+        f"scaling bench: fashion-mnist {base.data.image_size}px, {base.model.encoder} "
+        f"{tuple(base.model.widths)} depths {tuple(base.model.depths)}, "
+        f"{base.method.name}, global batch {global_batch}, {steps} timed steps "
+        f"(+{WARMUP} warm-up), fp32, 1 CPU per worker"
+    )
     print(title)
     print(table(rows, RATE_COLUMNS))
     print()
@@ -341,11 +380,19 @@ def run(
     print(table(phases, ["rank", "phase", "ms", "share", "mean_ms"]))
     print()
     print(table(machine_rows, ["what", "gflop_s"]))
-    extra = {"phases": phases, "machine_peaks": machine_rows, "flops": flops,
-             "throughput_check": check, "global_batch": global_batch, "steps": steps,
-             "warmup": WARMUP, "recipe": str(recipe), "overrides": list(overrides),
-             "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
-             "cpu_count": cores}  # fmt: skip
+    extra = {
+        "phases": phases,
+        "machine_peaks": machine_rows,
+        "flops": flops,
+        "throughput_check": check,
+        "global_batch": global_batch,
+        "steps": steps,
+        "warmup": WARMUP,
+        "recipe": str(recipe),
+        "overrides": list(overrides),
+        "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
+        "cpu_count": cores,
+    }
     write(out, "scaling", rows, extra)
     print(f"\nwrote {out}")
     return {"bench": "scaling", "rows": rows, **extra}

@@ -18,16 +18,35 @@ from ssl_dist.config import Config, load_config
 WARMUP = 5
 
 
-def _cfg(manifest: str, storage: Path, method: str, global_batch: int, workers: int,
-         stage: int, steps: int, name: str) -> Config:  # fmt: skip
+def _cfg(
+    manifest: str,
+    storage: Path,
+    method: str,
+    global_batch: int,
+    workers: int,
+    stage: int,
+    steps: int,
+    name: str,
+) -> Config:
     return load_config(
         "launch/recipes/digits-demo.yaml",
-        [f"data.manifest={manifest}", f"method.name={method}", "method.queue_size=4096",
-         f"data.batch_size={global_batch // workers}", f"scaling.num_workers={workers}",
-         f"zero.stage={stage}", "optim.name=sgd", "optim.lr=0.1", "run.epochs=1000",
-         f"run.max_steps={steps}", f"run.checkpoint_every={10 * steps}", "run.log_every=1",
-         f"run.storage_path={storage}", f"run.name={name}"],
-    )  # fmt: skip
+        [
+            f"data.manifest={manifest}",
+            f"method.name={method}",
+            "method.queue_size=4096",
+            f"data.batch_size={global_batch // workers}",
+            f"scaling.num_workers={workers}",
+            f"zero.stage={stage}",
+            "optim.name=sgd",
+            "optim.lr=0.1",
+            "run.epochs=1000",
+            f"run.max_steps={steps}",
+            f"run.checkpoint_every={10 * steps}",
+            "run.log_every=1",
+            f"run.storage_path={storage}",
+            f"run.name={name}",
+        ],
+    )
 
 
 def plain_rate(cfg: Config) -> dict:
@@ -45,8 +64,11 @@ def plain_rate(cfg: Config) -> dict:
     run_local(cfg, knn=False, on_step=on_step)
     steady = times[WARMUP:] or times
     step_s = sum(steady) / len(steady)
-    return {"images_s": cfg.data.batch_size / step_s, "step_ms": step_s * 1e3,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}  # fmt: skip
+    return {
+        "images_s": cfg.data.batch_size / step_s,
+        "step_ms": step_s * 1e3,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
 
 
 def ray_rate(cfg: Config) -> dict:
@@ -57,8 +79,13 @@ def ray_rate(cfg: Config) -> dict:
     return {k: m[k] for k in ("images_s", "step_ms", "peak_rss_mb", "state_mb", "zero_formula_mb")}
 
 
-def run(out: Path, work: Path, steps: int = 30, global_batch: int = 128,
-        methods: tuple[str, ...] = ("simclr", "moco_v2", "moco_v3")) -> None:  # fmt: skip
+def run(
+    out: Path,
+    work: Path,
+    steps: int = 30,
+    global_batch: int = 128,
+    methods: tuple[str, ...] = ("simclr", "moco_v2", "moco_v3"),
+) -> None:
     import ray
 
     from ssl_dist.data.shards import write_shards
@@ -78,21 +105,51 @@ def run(out: Path, work: Path, steps: int = 30, global_batch: int = 128,
             name = f"{method}-{kind.split()[0]}-w{workers}-z{stage}-{time.time_ns()}"
             cfg = _cfg(manifest, work / "runs", method, global_batch, workers, stage, steps, name)
             r = plain_rate(cfg) if kind == "plain torch" else ray_rate(cfg)
-            rows.append({"method": method, "runner": kind, "workers": workers,
-                         "zero": stage if kind == "ray" else "-", **r})  # fmt: skip
-            print(f"  {method} {kind} workers={workers} zero={stage}: {r['images_s']:.0f} img/s",
-                  flush=True)  # fmt: skip
+            rows.append(
+                {
+                    "method": method,
+                    "runner": kind,
+                    "workers": workers,
+                    "zero": stage if kind == "ray" else "-",
+                    **r,
+                }
+            )
+            print(
+                f"  {method} {kind} workers={workers} zero={stage}: {r['images_s']:.0f} img/s",
+                flush=True,
+            )
     for r in rows:
         base = next(b for b in rows if b["method"] == r["method"] and b["runner"] == "plain torch")
         r["vs_plain"] = r["images_s"] / base["images_s"]
         if r["runner"] == "ray" and r["workers"] == 2 and r["zero"] == 0:
-            one = next(b for b in rows if b["method"] == r["method"] and b["runner"] == "ray"
-                       and b["workers"] == 1)  # fmt: skip
+            one = next(
+                b
+                for b in rows
+                if b["method"] == r["method"] and b["runner"] == "ray" and b["workers"] == 1
+            )
             r["scaling_eff"] = r["images_s"] / (2 * one["images_s"])
     ray.shutdown()
-    print(f"train bench: digits 32 px, thin_resnet, global batch {global_batch}, {steps} steps "
-          f"({WARMUP} warm-up), SGD, fp32, 1 CPU per worker")  # fmt: skip
-    print(table(rows, ["method", "runner", "workers", "zero", "images_s", "step_ms", "vs_plain",
-                       "scaling_eff", "peak_rss_mb", "state_mb", "zero_formula_mb"]))  # fmt: skip
+    print(
+        f"train bench: digits 32 px, thin_resnet, global batch {global_batch}, {steps} steps "
+        f"({WARMUP} warm-up), SGD, fp32, 1 CPU per worker"
+    )
+    print(
+        table(
+            rows,
+            [
+                "method",
+                "runner",
+                "workers",
+                "zero",
+                "images_s",
+                "step_ms",
+                "vs_plain",
+                "scaling_eff",
+                "peak_rss_mb",
+                "state_mb",
+                "zero_formula_mb",
+            ],
+        )
+    )
     write(out, "train", rows, {"global_batch": global_batch, "steps": steps, "warmup": WARMUP})
     print(f"\nwrote {out}")
