@@ -36,7 +36,7 @@ from ssl_dist.dist.checkpoint_files import (
     model_states,
     state_dict_from_checkpoint,
 )
-from ssl_dist.dist.zero import gathered
+from ssl_dist.dist.gather import gathered
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine

@@ -54,8 +54,7 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -65,6 +64,8 @@ from torch import Tensor, nn
 
 from ssl_dist.config import OptimConfig, ZeroConfig
 from ssl_dist.dist.checkpoint_files import CLIENT_STATE_KEY, checkpoint_dir, model_states
+from ssl_dist.dist.gather import _unique, gathered
+from ssl_dist.dist.reshard import load_resharded
 from ssl_dist.optim import build_optimizer, param_groups
 
 if TYPE_CHECKING:
@@ -259,44 +260,6 @@ def set_lr(engine: DeepSpeedEngine, lr: float) -> None:
         group["lr"] = lr
 
 
-def _unique(params: Iterable[nn.Parameter], exclude: set[int] | None = None) -> list[nn.Parameter]:
-    seen = set(exclude or ())
-    out = []
-    for p in params:
-        if id(p) not in seen:
-            seen.add(id(p))
-            out.append(p)
-    return out
-
-
-def is_partitioned(param: Tensor) -> bool:
-    """True for a ZeRO-3 parameter (whose ``data`` is not the full tensor outside forward)."""
-    return hasattr(param, "ds_id")
-
-
-@contextmanager
-def gathered(params: Iterable[nn.Parameter], modifier_rank: int | None = None) -> Iterator[None]:
-    """Make ZeRO-3 parameters whole inside the block; a no-op under stages 0-2.
-
-    ``deepspeed.zero.GatheredParameters``: every rank must enter with the same parameters.
-
-    Args:
-        params: Parameters to gather (duplicates are dropped).
-        modifier_rank: ``None`` for read-only use (changes are discarded when the block ends:
-            the partitions are kept as they were). A rank to keep changes: on exit that rank's
-            full tensors are broadcast and re-partitioned, so every rank should compute the same
-            update.
-    """
-    plist = _unique(params)
-    if not any(is_partitioned(p) for p in plist):
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(plist, modifier_rank=modifier_rank):
-        yield
-
-
 def momentum_update(module: HasMomentumEncoder, step: int, total_steps: int) -> float:
     """``module.momentum_update(step, total_steps)`` with ZeRO-3 parameters gathered.
 
@@ -380,8 +343,6 @@ def load(
     current = engine.dp_world_size
     if engine.zero_optimization_stage() > 0 and saved is not None and saved != current:
         if reshard:
-            from ssl_dist.dist.reshard import load_resharded  # it builds on this module
-
             return load_resharded(engine, root, name)
         raise ValueError(
             f"checkpoint {name!r} in {root} was saved by {saved} ranks under ZeRO; it can only "

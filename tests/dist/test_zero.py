@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ssl_dist.config import OptimConfig, ZeroConfig
+from ssl_dist.dist.gather import is_partitioned
 from ssl_dist.dist.spawn import run_world
 from ssl_dist.models import cosine_momentum, ema_update, make_momentum_copy
 from ssl_dist.optim import build_optimizer, lr_at, param_groups
@@ -167,7 +168,7 @@ def _world(rank: int, world_size: int, root: str) -> dict[str, Any]:
         engine = zero.build_engine(
             model, zero_cfg, optim_cfg, MICRO, world_size, PEAK_LR, case.get("extra")
         )
-        out["frozen_partitioned"] = all(zero.is_partitioned(p) for p in model.target.parameters())
+        out["frozen_partitioned"] = all(is_partitioned(p) for p in model.target.parameters())
         out["frozen_in_optimizer"] = any(
             p is q for g in optim_param_groups(engine) for p in g for q in model.target.parameters()
         )
