@@ -6,7 +6,6 @@ import contextlib
 import json
 import os
 import platform
-import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -69,13 +68,6 @@ def write(out: Path, name: str, rows: list[dict[str, Any]], extra: dict[str, Any
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"bench": name, "machine": machine(), "rows": rows, **extra}
     write_atomic(out, json.dumps(doc, indent=2))
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for a gloo group's rendezvous)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @contextlib.contextmanager

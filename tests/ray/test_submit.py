@@ -36,6 +36,7 @@ from ssl_dist.credentials import (
     parse_env,
     withheld_env,
 )
+from ssl_dist.dist.spawn import free_port
 from ssl_dist.submit import (
     EXCLUDES,
     build_entrypoint,
@@ -53,12 +54,6 @@ CLI = [
     "-c",
     "from ssl_dist import cli; from ssl_dist.submit import register; register(cli.app); cli.main()",
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120):
@@ -122,7 +117,7 @@ def head():
         RAY_USAGE_STATS_ENABLED="0",
         PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
     )  # `python` of the job
-    dash = _free_port()
+    dash = free_port()
     cmd = [
         str(VENV_BIN / "ray"),
         "start",
@@ -130,13 +125,13 @@ def head():
         "--block",
         f"--temp-dir={temp_dir}",
         "--node-ip-address=127.0.0.1",
-        f"--port={_free_port()}",
+        f"--port={free_port()}",
         "--num-cpus=2",
         "--include-dashboard=true",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dash}",
-        f"--dashboard-agent-listen-port={_free_port()}",
-        f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
         "--disable-usage-stats",
     ]
     log = open(Path(temp_dir) / "ray-start.log", "wb")  # noqa: SIM115 (closed below)
@@ -298,7 +293,7 @@ def test_credentials_on_the_command_line_exit_2_without_contacting_the_cluster(a
 
 @pytest.mark.ray
 def test_unreachable_address_exits_2_quickly():
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     start = time.monotonic()
     r = _run_cli("--address", f"127.0.0.1:{port}", "--", "pretrain", timeout=30)
     assert r.returncode == 2, r.stderr
