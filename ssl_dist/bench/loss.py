@@ -18,6 +18,7 @@ machine other processes cause spikes that would otherwise dominate a few-iterati
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -33,9 +34,10 @@ from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
 from ssl_dist.dist.spawn import run_world
 from ssl_dist.losses import nt_xent_loss
+from ssl_dist.train.runtime import Hook, Position, Schedule, TorchBackend, run_steps
 
 if TYPE_CHECKING:
-    from ssl_dist.methods import SSLMethod
+    pass
 
 LOSS_COLUMNS = [
     "global_batch",
@@ -142,12 +144,26 @@ def loss_rows(
     return rows
 
 
-def _train_step(method: SSLMethod, x1: Tensor, x2: Tensor, durations: list[float]) -> int:
+class _OneStep(Hook):
+    """Stops the step loop after every optimizer step: the bench times steps one by one."""
+
+    def should_stop(self, state) -> str | None:
+        return "timed"
+
+
+def _train_step(backend: TorchBackend, x1: Tensor, x2: Tensor, durations: list[float]) -> int:
+    """One training step of the step loop (forward, backward, SGD step, momentum update) on
+    fixed views, timed."""
     start = time.perf_counter()
-    method.zero_grad(set_to_none=True)
-    loss, _ = method(x1, x2)
-    loss.backward()
-    method.momentum_update(1, 100)
+    run_steps(
+        backend,
+        lambda batch, seed: (x1, x2),
+        lambda epoch: itertools.repeat(None),
+        Schedule(total_steps=100, peak_lr=1e-3),
+        Position(),
+        [_OneStep()],
+        images_of=lambda batch: x1.shape[0],
+    )
     durations.append(time.perf_counter() - start)
     return x1.shape[0]
 
@@ -155,7 +171,8 @@ def _train_step(method: SSLMethod, x1: Tensor, x2: Tensor, durations: list[float
 def method_rows(
     methods: Sequence[str], batch: int, image_size: int, widths: Sequence[int], seconds: float
 ) -> list[dict[str, Any]]:
-    """Forward + backward + momentum update images/s of each method in this process.
+    """Training-step images/s of each method in this process (the step loop on fixed views:
+    forward, backward, SGD step, momentum update).
 
     Steps run round-robin over the methods (one step of each per round) for about
     ``seconds`` per method and at least ``MIN_STEPS`` rounds, so that load from other processes
@@ -166,11 +183,12 @@ def method_rows(
     model = ModelConfig(encoder="thin_resnet", widths=tuple(widths))
     gen = torch.Generator().manual_seed(0)
     x1, x2 = (torch.randn(batch, 3, image_size, image_size, generator=gen) for _ in range(2))
-    built: dict[str, SSLMethod] = {}
+    built: dict[str, TorchBackend] = {}
     for name in methods:
         torch.manual_seed(0)
         cfg = MethodConfig(name=name, queue_size=max(4096 // batch, 1) * batch)  # type: ignore[arg-type]
-        built[name] = build_method(cfg, model, 3, image_size)
+        method = build_method(cfg, model, 3, image_size)
+        built[name] = TorchBackend(method, torch.optim.SGD(method.trainable_parameters(), lr=0.0))
     durations: dict[str, list[float]] = {name: [] for name in built}
 
     def one_round() -> int:

@@ -281,6 +281,9 @@ class TimeLimit(Hook):
 
 # ---------------------------------------------------------------------------------- the loop
 
+_END = object()
+"""Marks the end of an epoch's batches (a batch may be anything, None included)."""
+
 
 def run_steps(
     backend: Backend,
@@ -334,8 +337,10 @@ def _epoch(
     i = -1
     while True:
         with clock.phase("data"):
-            batch = next(it, None)
-        if batch is None:
+            batch = next(it, _END)
+        if batch is _END:
+            if i < 0:  # no batch at all: another pass would loop for ever
+                raise ValueError(f"epoch {state.epoch} has no batches: nothing to train on")
             return False
         i += 1
         if i < state.batch_in_epoch:

@@ -162,3 +162,20 @@ def test_phase_clock_books_each_phase():
     seconds = clock.take()
     assert {"data", "inputs", "forward", "backward", "optimizer"} <= set(seconds)
     assert all(v >= 0 for v in seconds.values()) and clock.take() == {}
+
+
+def test_batches_may_be_none_and_an_empty_epoch_is_an_error():
+    model = Regression()
+    x, y = torch.randn(4, 3), torch.randn(4)
+    backend = TorchBackend(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    state = run_steps(
+        backend,
+        lambda batch, seed: (x, y),
+        lambda epoch: [None] * 3,  # the inputs need nothing from the batch
+        Schedule(5, 0.1),
+        Position(),
+        images_of=lambda batch: 4,
+    )
+    assert (state.step, state.epoch) == (5, 1)
+    with pytest.raises(ValueError, match="no batches"):
+        run_steps(backend, _inputs, lambda epoch: [], Schedule(5, 0.1), Position())
