@@ -30,6 +30,9 @@ def machine() -> dict[str, Any]:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "memory_gib": round(mem, 1),
+        # AVX2 / AVX512 / AMX...: what the CPU's matrix kernels can use (bf16 is native only
+        # with AVX-512 BF16 or AMX); speeds differ 2-3x between machines of one kind.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -64,10 +67,22 @@ def table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
+def machine_line(info: dict[str, Any] | None = None) -> str:
+    """The machine in one line, printed beside every benchmark's tables."""
+    m = info or machine()
+    gpu = f", GPU {m['gpu']}" if m["gpu"] else ", no GPU"
+    return (
+        f"machine: {m['cpu']}, {m['cores']} cores, CPU capability {m['cpu_capability']}, "
+        f"{m['memory_gib']} GiB{gpu}, torch {m['torch']}, {m['date']}"
+    )
+
+
 def write(out: Path, name: str, rows: list[dict[str, Any]], extra: dict[str, Any]) -> None:
+    """Write the bench's JSON (with the machine) and print the machine line."""
     out.parent.mkdir(parents=True, exist_ok=True)
     doc = {"bench": name, "machine": machine(), "rows": rows, **extra}
     write_atomic(out, json.dumps(doc, indent=2))
+    print(machine_line(doc["machine"]))
 
 
 @contextlib.contextmanager
