@@ -37,8 +37,10 @@ test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The pure, quick tests (marker `unit`): seconds, no processes, Ray or servers.
+# The quick tier: pure in-process tests (no processes, servers or Ray); a test that also carries
+# `slow` (a slow parametrization of a unit test) is left to `make test`.
 test-fast: install
-	$(BIN)/python -m pytest -q -m unit
+	$(BIN)/python -m pytest -q -m "unit and not slow"
 
 demo: install
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash launch/demo.sh

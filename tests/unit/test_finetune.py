@@ -22,8 +22,6 @@ from ssl_dist.evaluate.source import EncoderSource, load_source
 from ssl_dist.models import build_encoder
 from ssl_dist.train import local, parts
 
-pytestmark = pytest.mark.unit
-
 RECIPES = Path(__file__).resolve().parents[2] / "launch" / "recipes"
 
 MODEL_CODE = """
@@ -67,6 +65,7 @@ def write_checkpoint(d: Path, tensors: dict[str, torch.Tensor], cfg: Config) -> 
 # ------------------------------------------------------------------ the probe itself
 
 
+@pytest.mark.unit
 def test_probe_is_deterministic_and_chooses_from_the_grid():
     g = torch.Generator().manual_seed(0)
     centres = torch.randn(7, 16, generator=g) * 2
@@ -191,6 +190,7 @@ def test_finetune_refuses_pickled_weights(tmp_path, digits_dir, kind):
     assert not (tmp_path / "mlflow.db").exists()  # refused before anything was logged
 
 
+@pytest.mark.unit
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -289,6 +289,7 @@ def test_registered_model_sources_lineage_and_tags(tmp_path, digits_dir, monkeyp
     assert mv["linear_data"] == str((digits_dir / "manifest.json").resolve())
 
 
+@pytest.mark.unit
 def test_tracking_down_does_not_fail_the_probe(tmp_path, digits_dir, monkeypatch):
     """An unreachable tracking server costs a warning and a None run id, not the result."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -302,6 +303,7 @@ def test_tracking_down_does_not_fail_the_probe(tmp_path, digits_dir, monkeypatch
     assert r["source"] == {"uri": str(d.resolve())}
 
 
+@pytest.mark.slow  # MLflow sqlite store, figures and model logging: ~5 s
 def test_finishing_a_run_twice_registers_one_version(tmp_path, digits_dir, monkeypatch):
     """A job that crashed after registering its encoder and is run again (retrain after a
     crash) gets the same model version back, not a duplicate."""

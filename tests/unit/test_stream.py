@@ -24,7 +24,11 @@ def _read(cfg, rank, world, epoch=0, seed=0, **kw):
     return s, labels
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# Loader workers are processes: the cases with 2 of them belong to the slow tier.
+WORKERS = [0, pytest.param(2, marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("world", [1, 2, 3])
 def test_exact_epoch_partitions_the_dataset(make_shards, world, workers):
     out, manifest = make_shards(103, 10)  # 11 shards, the last one holds 3
@@ -59,7 +63,7 @@ def test_exact_epoch_order_depends_on_epoch(make_shards):
     assert _read(cfg, 0, 2, epoch=0)[1] != _read(cfg, 0, 2, epoch=1)[1]
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_resampled_is_reproducible(make_shards, workers):
     out, _ = make_shards(40, 10)
     cfg = _cfg(out, mode="resampled", steps_per_epoch=7, loader_workers=workers)
@@ -134,6 +138,7 @@ def test_fewer_shards_than_ranks_needs_resampled(make_shards):
     assert len(_read(_cfg(out, mode="resampled"), 2, 3)[1]) > 0
 
 
+@pytest.mark.slow  # a loopback HTTP server
 def test_http_manifest_and_shards(make_shards):
     import functools
     from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
@@ -152,6 +157,7 @@ def test_http_manifest_and_shards(make_shards):
         server.server_close()
 
 
+@pytest.mark.slow  # a loopback socket that never answers, a 3 s timeout
 def test_no_first_batch_fails_loudly(make_shards):
     out, manifest = make_shards(10, 10)
     # A server that accepts connections and never answers.
