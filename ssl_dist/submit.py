@@ -74,6 +74,14 @@ EXCLUDES = [
     ".pytest_cache",
     "*.egg-info",
     ".ipynb_checkpoints",
+    # Credential files never travel with the job (its files are readable on the cluster).
+    ".env",
+    ".env.*",
+    ".netrc",
+    "*.pem",
+    "*.key",
+    "credentials",
+    "credentials.json",
 ]
 """runtime_env excludes (gitignore syntax; a leading / anchors at the working_dir)."""
 

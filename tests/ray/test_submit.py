@@ -192,6 +192,7 @@ def test_runtime_env(tmp_path):
     assert renv["working_dir"] == str(ROOT) and "py_modules" not in renv
     assert renv["excludes"] == EXCLUDES
     assert {"/.venv", "/work", "/bench-results", ".git", "__pycache__"} <= set(EXCLUDES)
+    assert {".env", ".netrc", "*.pem", "credentials"} <= set(EXCLUDES)  # credential files stay
     assert renv["env_vars"] == {"K": "v"} and "pip" not in renv
     # Another folder: the local ssl_dist package travels as a py_module.
     renv = build_runtime_env(tmp_path, pip=True)
