@@ -9,6 +9,7 @@ One run measures, on the same images:
 
 from __future__ import annotations
 
+import tarfile
 import time
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from ssl_dist.data.reader import decode_image
 from ssl_dist.data.shards import read_manifest, write_shards
 from ssl_dist.data.sources import load_source
 from ssl_dist.data.stream import stream
+from ssl_dist.data.views import TwoViews, per_sample_torchvision_views
 
 
 class PngFiles(Dataset):
@@ -53,7 +55,6 @@ def _prepare(work: Path, source: str) -> tuple[Path, Path]:
 
 
 def _tar_rate(shards: Path, seconds: float) -> dict:
-    import tarfile
 
     paths = [shards / s.name for s in read_manifest(shards).splits["train"].shards]
     nbytes = 0
@@ -159,7 +160,6 @@ def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, se
 
 
 def _views_rates(manifest, image_size: int, batch_size: int, seconds: float) -> list[dict]:
-    from ssl_dist.data.views import TwoViews, per_sample_torchvision_views
 
     cfg = ViewsConfig(blur_p=(1.0, 0.1), solarize_p=(0.0, 0.2))
     rng = np.random.default_rng(0)

@@ -34,6 +34,7 @@ from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
 from ssl_dist.dist.spawn import run_world
 from ssl_dist.losses import nt_xent_loss
+from ssl_dist.methods import build_method
 from ssl_dist.train.runtime import Hook, Position, Schedule, TorchBackend, run_steps
 
 if TYPE_CHECKING:
@@ -178,7 +179,6 @@ def method_rows(
     ``seconds`` per method and at least ``MIN_STEPS`` rounds, so that load from other processes
     hits every method alike instead of whichever happens to run while it lasts.
     """
-    from ssl_dist.methods import build_method
 
     model = ModelConfig(encoder="thin_resnet", widths=tuple(widths))
     gen = torch.Generator().manual_seed(0)

@@ -29,6 +29,7 @@ from typing import Any
 
 import ray.train
 import torch
+from tqdm import tqdm
 
 from ssl_dist.artifact import encoder_state, write_artifact
 from ssl_dist.atomic import write_atomic
@@ -169,7 +170,6 @@ class Progress(Hook):
 
 
 def _progress(total: int, initial: int):
-    from tqdm import tqdm
 
     return tqdm(
         total=total,

@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ssl_dist.dist import zero
 from ssl_dist.methods.base import Inputs
 from ssl_dist.optim import lr_at
 
@@ -150,7 +151,6 @@ class DeepSpeedBackend:
         self.module = engine.module
 
     def set_lr(self, lr: float) -> None:
-        from ssl_dist.dist import zero
 
         zero.set_lr(self.engine, lr)
 
@@ -164,7 +164,6 @@ class DeepSpeedBackend:
         self.engine.step()  # steps only at the accumulation boundary
 
     def momentum_update(self, step: int, total_steps: int) -> float:
-        from ssl_dist.dist import zero
 
         if not hasattr(self.module, "momentum_pairs"):
             return 0.0

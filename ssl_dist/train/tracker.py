@@ -12,10 +12,12 @@ from pathlib import Path
 
 import torch
 
+from ssl_dist import tracking
 from ssl_dist.artifact import CONFIG, ENCODER
 from ssl_dist.config import Config
 from ssl_dist.data.damage import EpochDamage
 from ssl_dist.dist import zero
+from ssl_dist.evaluate.knn import knn_accuracy
 from ssl_dist.train import checkpoint as ckpt
 
 
@@ -36,7 +38,6 @@ class Tracker:
         rank: int,
         local_rank: int,
     ) -> None:
-        from ssl_dist import tracking
 
         self.cfg, self.views, self.device, self.rank = cfg, views, device, rank
         self.num_classes = len(shards.manifest.classes)
@@ -95,7 +96,6 @@ class Tracker:
     def knn(self, method, step: int) -> None:
         if not self.enabled or self.cfg.tracking.knn_every_epochs == 0 or self.views is None:
             return
-        from ssl_dist.evaluate.knn import knn_accuracy
 
         encoder = method.encoder
         with zero.gathered(list(encoder.parameters())):
