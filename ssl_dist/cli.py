@@ -53,23 +53,66 @@ def data_prepare(
     val_fraction: Annotated[
         float, typer.Option(help="Val share when the source has no split.")
     ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the train/val split.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split, the order and the stats.")] = 0,
+    workers: Annotated[
+        int, typer.Option(help="imagefolder: processes writing shards; 0: every core.")
+    ] = 0,
+    max_side: Annotated[
+        int,
+        typer.Option(help="imagefolder: shrink images longer than this (JPEG q95); 0: never."),
+    ] = 0,
     overwrite: Annotated[bool, typer.Option(help="Replace shards in a non-empty --out.")] = False,
 ) -> None:
-    """Write a source as WebDataset shards with a manifest (atomically, manifest last)."""
+    """Write a source as WebDataset shards with a manifest (atomically, manifest last).
+    An image folder keeps each file's own bytes, in a seeded order, written in parallel."""
     # heavy: the data modules load torch
+    from ssl_dist.data.prepare import prepare_imagefolder
     from ssl_dist.data.shards import check_output_dir, write_shards
     from ssl_dist.data.sources import load_source
 
     check_output_dir(out, overwrite)
-    src = load_source(source, input, val_fraction, seed)
-    total = sum(len(s) for s in src.splits.values())
+    bars: list[tqdm] = []
+
+    def on_plan(n: int) -> None:  # the bar shows once the input is known to be usable
+        bars.append(tqdm(total=n, unit="img", desc="prepare", file=sys.stderr, mininterval=0.5))
+
     start = time.perf_counter()
-    with tqdm(total=total, unit="img", desc="prepare", file=sys.stderr, mininterval=0.5) as bar:
-        manifest = write_shards(src, out, samples_per_shard, seed, overwrite, bar.update)
+    try:
+        if source == "imagefolder":
+            if input is None:
+                raise ConfigError("--source imagefolder needs --input DIR")
+            manifest = prepare_imagefolder(
+                input,
+                out,
+                samples_per_shard,
+                seed,
+                val_fraction,
+                workers=workers,
+                max_side=max_side,
+                overwrite=overwrite,
+                progress=lambda n: bars[0].update(n),
+                on_plan=on_plan,
+            )
+        else:
+            if max_side:
+                raise ConfigError("--max-side applies to --source imagefolder only")
+            src = load_source(source, input, val_fraction, seed)
+            on_plan(sum(len(s) for s in src.splits.values()))
+            manifest = write_shards(src, out, samples_per_shard, seed, overwrite, bars[0].update)
+    finally:
+        for bar in bars:
+            bar.close()
     secs = time.perf_counter() - start
+    total = sum(s.samples for s in manifest.splits.values()) + manifest.skipped_count
     for name, split in manifest.splits.items():
-        typer.echo(f"{name}: {split.samples} samples in {len(split.shards)} shards")
+        codecs = ", ".join(split.codecs)
+        typer.echo(f"{name}: {split.samples} samples in {len(split.shards)} shards ({codecs})")
+    if manifest.skipped_count:
+        first = manifest.skipped[0]
+        typer.echo(
+            f"skipped {manifest.skipped_count} files that do not open (listed in the manifest; "
+            f"first: {first.path}: {first.reason})"
+        )
     typer.echo(f"wrote {out / 'manifest.json'} ({total / secs:.0f} images/s)")
 
 

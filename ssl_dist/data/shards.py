@@ -1,7 +1,10 @@
 """Shard writer, manifest and verification.
 
-A shard set is ``{split}-000000.tar ...`` (WebDataset tar files; each sample is ``KEY.png`` with
-the image stored losslessly and ``KEY.cls`` with the class index) plus ``manifest.json``.
+A shard set is ``{split}-000000.tar ...`` (WebDataset tar files; each sample is ``KEY.cls`` with
+the class index and one image member whose extension names its codec: ``KEY.png`` for in-memory
+sources, the file's own bytes as ``KEY.jpg`` / ``KEY.png`` / ``KEY.webp`` for image folders, see
+:mod:`ssl_dist.data.prepare`) plus ``manifest.json``. Tar members carry fixed metadata and the
+manifest no wall-clock time, so the same input and options give the same bytes.
 Every file is written under a temporary name and renamed into place (:mod:`ssl_dist.atomic`),
 the manifest last, so a manifest never points at a half-written shard. A manifest is named by the
 sha256 of its file's bytes (:func:`manifest_sha256`): the lineage tag of every run and registered
@@ -14,7 +17,6 @@ import hashlib
 import io
 import json
 import tarfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,6 +63,19 @@ class SplitInfo(BaseModel):
     model_config = ConfigDict(extra="forbid")
     samples: int = Field(ge=0)
     shards: list[ShardInfo]
+    codecs: list[str] = []
+    """Image member extensions present in the split (``jpg``, ``png``, ``webp``), sorted."""
+
+
+class SkippedFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    path: str
+    """Relative to the input folder."""
+    reason: str
+
+
+MAX_SKIPPED = 100
+"""The manifest names at most this many skipped files; `skipped_count` counts them all."""
 
 
 class Manifest(BaseModel):
@@ -71,7 +86,10 @@ class Manifest(BaseModel):
     source: str
     classes: list[str]
     image_size: tuple[int, int]
+    """(height, width) of the images; where they differ (an image folder), the median of the
+    images the mean / std were estimated on."""
     channels: int
+    """What the stream decodes to: 1 when every image is grey, else 3."""
     samples_per_shard: int
     seed: int
     mean: list[float]
@@ -79,6 +97,13 @@ class Manifest(BaseModel):
     std: list[float]
     splits: dict[str, SplitInfo]
     created: str = ""
+    """Older manifests: when they were written. No longer set: a manifest depends on its input
+    and options only."""
+    stats_images: int = 0
+    """How many train images `mean` / `std` were estimated on; 0: every train image."""
+    skipped: list[SkippedFile] = []
+    """Input files left out (they did not open as images), at most MAX_SKIPPED of them."""
+    skipped_count: int = Field(0, ge=0)
 
     def split(self, split: str) -> SplitInfo:
         if split not in self.splits:
@@ -116,7 +141,7 @@ def _sha256(path: Path) -> str:
 
 def _write_shard(path: Path, samples: list[tuple[str, bytes, int]]) -> ShardInfo:
     with atomic_file(path) as tmp:
-        with open(tmp, "wb") as f, wds.TarWriter(f) as sink:
+        with open(tmp, "wb") as f, wds.TarWriter(f, mtime=0.0) as sink:
             for key, png, label in samples:
                 sink.write({"__key__": key, "png": png, "cls": str(label).encode()})
         return ShardInfo(
@@ -212,7 +237,9 @@ def _write_all(source, out, samples_per_shard, seed, written, progress) -> Manif
                 progress(1)
         if batch:
             flush()
-        splits[split_name] = SplitInfo(samples=sum(s.samples for s in infos), shards=infos)
+        splits[split_name] = SplitInfo(
+            samples=sum(s.samples for s in infos), shards=infos, codecs=["png"]
+        )
     if size is None:
         raise ConfigError(f"source {source.name} has no images")
     mean, std = moments.result()
@@ -226,7 +253,6 @@ def _write_all(source, out, samples_per_shard, seed, written, progress) -> Manif
         mean=mean,
         std=std,
         splits=splits,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
     write_atomic(out / MANIFEST, manifest.model_dump_json(indent=2))
     return manifest

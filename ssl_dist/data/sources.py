@@ -1,4 +1,5 @@
-"""Image sources that `ssl-dist data prepare` turns into shards.
+"""In-memory image sources that `ssl-dist data prepare` turns into shards (image folders:
+:mod:`ssl_dist.data.prepare`).
 
 Each reader returns a :class:`Source`: class names and, per split, a list of
 ``(key, image, label)`` where ``image`` is a uint8 array ``[H, W]`` (grey) or ``[H, W, 3]``.
@@ -14,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from ssl_dist.config import ConfigError
 
@@ -33,8 +33,6 @@ FASHION_MNIST_CLASSES = [
     "bag",
     "ankle boot",
 ]
-
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 
 
 @dataclass
@@ -133,85 +131,13 @@ def fashion_mnist(root: Path | None = None) -> Source:
     return Source("fashion-mnist", list(FASHION_MNIST_CLASSES), 1, splits)
 
 
-def _list_class_dir(root: Path) -> tuple[list[str], list[tuple[Path, str]]]:
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    files = [
-        (f, c)
-        for c in classes
-        for f in sorted((root / c).rglob("*"))
-        if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
-    ]
-    return classes, files
-
-
-def _load_image(path: Path, channels: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("L" if channels == 1 else "RGB"))
-    except (UnidentifiedImageError, OSError) as e:
-        raise ConfigError(f"cannot read image {path}: {e}") from None
-
-
-def _file_split(name: str, files: list[tuple[Path, str]], classes: list[str], channels: int):
-    index = {c: i for i, c in enumerate(classes)}
-    return Split(
-        keys=[f"{name}{i:07d}" for i in range(len(files))],
-        labels=[index[c] for _, c in files],
-        load=lambda i: _load_image(files[i][0], channels),
-    )
-
-
-def _is_grey(path: Path) -> bool:
-    with Image.open(path) as im:
-        return im.mode in ("1", "L", "I", "I;16", "F")
-
-
-def imagefolder(root: Path, val_fraction: float = 0.2, seed: int = 0) -> Source:
-    """``root/<class>/<image>``, or ``root/train/<class>/...`` + ``root/val/<class>/...``.
-
-    Any format PIL reads. Images are stored grey when every image is grey, else RGB.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise ConfigError(f"--input {root} is not a directory")
-    if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_files = _list_class_dir(root / "train")
-        val_classes, val_files = _list_class_dir(root / "val")
-        if set(val_classes) - set(classes):
-            raise ConfigError(
-                f"{root}/val has classes missing from train: {set(val_classes) - set(classes)}"
-            )
-        split_files = {"train": train_files, "val": val_files}
-    else:
-        classes, files = _list_class_dir(root)
-        if not 0 < val_fraction < 1:
-            raise ConfigError(
-                f"--val-fraction must lie strictly between 0 and 1, got {val_fraction}"
-            )
-        order = np.random.default_rng(seed).permutation(len(files))
-        n_val = max(1, round(len(files) * val_fraction)) if len(files) > 1 else 0
-        split_files = {
-            "train": [files[i] for i in order[n_val:]],
-            "val": [files[i] for i in order[:n_val]],
-        }
-    all_files = [f for fs in split_files.values() for f, _ in fs]
-    if not all_files:
-        raise ConfigError(f"{root} holds no images in <class>/<image> folders")
-    channels = 1 if all(_is_grey(f) for f in all_files) else 3
-    splits = {n: _file_split(n, fs, classes, channels) for n, fs in split_files.items() if fs}
-    return Source("imagefolder", classes, channels, splits)
-
-
 def load_source(
     name: str, input_dir: str | Path | None, val_fraction: float = 0.2, seed: int = 0
 ) -> Source:
-    """Dispatch on the `--source` name."""
+    """Dispatch on the `--source` name of an in-memory source (an image folder is written
+    file by file: :func:`ssl_dist.data.prepare.prepare_imagefolder`)."""
     if name == "digits":
         return digits(val_fraction, seed)
     if name == "fashion-mnist":
         return fashion_mnist(Path(input_dir) if input_dir else None)
-    if name == "imagefolder":
-        if input_dir is None:
-            raise ConfigError("--source imagefolder needs --input DIR")
-        return imagefolder(Path(input_dir), val_fraction, seed)
     raise ConfigError(f"unknown source {name!r}: choose digits, fashion-mnist or imagefolder")
