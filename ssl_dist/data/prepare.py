@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -122,7 +122,7 @@ def plan(
     return tasks
 
 
-def _run(tasks: list[ShardTask], workers: int) -> Iterator[ShardResult]:
+def _run(tasks: list[ShardTask], workers: int) -> Generator[ShardResult, None, None]:
     """Results in task order. One worker writes in this process; more use a process pool
     (forkserver or spawn, never fork: the caller may hold threads)."""
     if workers <= 1 or len(tasks) <= 1:
@@ -130,8 +130,12 @@ def _run(tasks: list[ShardTask], workers: int) -> Iterator[ShardResult]:
         return
     methods = multiprocessing.get_all_start_methods()
     ctx = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
-    with ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx) as pool:
+    pool = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
+    try:
         yield from pool.map(write_shard, tasks)
+    finally:
+        # On an error or close(): shards not started are cancelled, running ones end first.
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _mean_std(results: list[ShardResult], channels: int) -> tuple[list[float], list[float], int]:
@@ -182,16 +186,16 @@ def prepare_imagefolder(
     made = not out.exists()
     prepare_output_dir(out, overwrite)
     tasks = plan(root, out, splits, samples_per_shard, seed, stats_images, max_side, max_pixels)
+    running = _run([t for _, t in tasks], workers or default_workers())
     try:
         results = []
-        for (_, task), result in zip(
-            tasks, _run([t for _, t in tasks], workers or default_workers()), strict=True
-        ):
+        for (_, task), result in zip(tasks, running, strict=True):
             results.append(result)
             if progress is not None:
                 progress(len(task.samples))
         return _finish(out, classes, tasks, results, refused, samples_per_shard, seed)
     except BaseException:
+        running.close()  # no writer is left running when the shards are removed
         # Nothing half-written: a failed run leaves no manifest and none of its shards.
         for _, task in tasks:
             Path(task.path).unlink(missing_ok=True)

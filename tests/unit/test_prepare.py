@@ -123,6 +123,18 @@ def test_same_bytes_with_one_or_two_workers(folder, tmp_path):
         assert (m.mtime, m.uid, m.gid, m.uname, m.mode) == (0, 0, 0, "", 0o444)
 
 
+@pytest.mark.slow  # starts a pool of writer processes
+def test_interrupted_run_leaves_nothing(folder, tmp_path):
+    out = tmp_path / "out"
+
+    def interrupt(n: int) -> None:
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        prepare_imagefolder(folder.root, out, 100, workers=2, progress=interrupt)
+    assert not out.exists()
+
+
 def test_another_seed_gives_another_order(folder, tmp_path):
     a, b = _run_twice(folder, tmp_path, (1, 1), seeds=(0, 1))
     assert a["train-000000.tar"] != b["train-000000.tar"]
