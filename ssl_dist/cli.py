@@ -61,6 +61,13 @@ def data_prepare(
         int,
         typer.Option(help="imagefolder: shrink images longer than this (JPEG q95); 0: never."),
     ] = 0,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="imagefolder: write shards as Ray tasks on this cluster (auto, ray://...; "
+            "local: a local instance); input and --out must be at the same path on every node."
+        ),
+    ] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace shards in a non-empty --out.")] = False,
 ) -> None:
     """Write a source as WebDataset shards with a manifest (atomically, manifest last).
@@ -72,6 +79,25 @@ def data_prepare(
 
     check_output_dir(out, overwrite)
     bars: list[tqdm] = []
+
+    def ray_tasks(tasks: list):
+        """Shard tasks as Ray tasks, one CPU each; results in task order."""
+        import ray  # heavy (seconds): only with --ray-address
+
+        from ssl_dist.data.folder import write_shard
+
+        if not ray.is_initialized():
+            address = None if ray_address == "local" else ray_address
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        remote = ray.remote(num_cpus=1, max_retries=2)(write_shard)
+        refs = [remote.remote(t) for t in tasks]
+        try:
+            for ref in refs:
+                yield ray.get(ref)
+        finally:  # on an error: stop the others and wait for them before the clean-up
+            for ref in refs:
+                ray.cancel(ref)
+            ray.wait(refs, num_returns=len(refs), timeout=60)
 
     def on_plan(n: int) -> None:  # the bar shows once the input is known to be usable
         bars.append(tqdm(total=n, unit="img", desc="prepare", file=sys.stderr, mininterval=0.5))
@@ -92,10 +118,11 @@ def data_prepare(
                 overwrite=overwrite,
                 progress=lambda n: bars[0].update(n),
                 on_plan=on_plan,
+                run_tasks=ray_tasks if ray_address else None,
             )
         else:
-            if max_side:
-                raise ConfigError("--max-side applies to --source imagefolder only")
+            if max_side or ray_address:
+                raise ConfigError("--max-side and --ray-address apply to imagefolder only")
             src = load_source(source, input, val_fraction, seed)
             on_plan(sum(len(s) for s in src.splits.values()))
             manifest = write_shards(src, out, samples_per_shard, seed, overwrite, bars[0].update)

@@ -37,6 +37,9 @@ from ssl_dist.data.shards import (
     prepare_output_dir,
 )
 
+RunTasks = Callable[[list[ShardTask]], Generator[ShardResult, None, None]]
+"""Runs shard tasks (:func:`ssl_dist.data.folder.write_shard`) and yields results in order."""
+
 STATS_IMAGES = 500
 """Train images the mean / std are estimated on (a seeded sample; all when fewer)."""
 
@@ -164,6 +167,7 @@ def prepare_imagefolder(
     overwrite: bool = False,
     progress: Callable[[int], None] | None = None,
     on_plan: Callable[[int], None] | None = None,
+    run_tasks: RunTasks | None = None,
 ) -> Manifest:
     """Write an image folder's shards and manifest into `out`; returns the manifest.
 
@@ -173,6 +177,9 @@ def prepare_imagefolder(
         stats_images: Train images the mean / std are estimated on; 0: all.
         progress: Called with the number of input files each finished shard held.
         on_plan: Called once with the number of input files, before any is read.
+        run_tasks: Runs the shard tasks elsewhere (e.g. as Ray tasks on a cluster whose nodes
+            all see `root` and `out` at the same paths) and yields the results in task order;
+            closing it must stop the tasks. Default: the process pool of `workers`.
     """
     if samples_per_shard < 1:
         raise ConfigError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
@@ -186,7 +193,10 @@ def prepare_imagefolder(
     made = not out.exists()
     prepare_output_dir(out, overwrite)
     tasks = plan(root, out, splits, samples_per_shard, seed, stats_images, max_side, max_pixels)
-    running = _run([t for _, t in tasks], workers or default_workers())
+    shard_tasks = [t for _, t in tasks]
+    running = (
+        run_tasks(shard_tasks) if run_tasks else _run(shard_tasks, workers or default_workers())
+    )
     try:
         results = []
         for (_, task), result in zip(tasks, running, strict=True):
