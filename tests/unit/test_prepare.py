@@ -101,6 +101,21 @@ def test_original_bytes_codecs_and_stats(folder, tmp_path):
     assert min(manifest.image_size) >= 48 and max(manifest.image_size) <= 64
 
 
+def test_the_training_stream_reads_every_codec(folder, tmp_path):
+    """JPEG (colour, grey, CMYK) and PNG members, as the stream decodes them for training."""
+    from ssl_dist.config import DataConfig
+    from ssl_dist.data.stream import stream
+
+    out = tmp_path / "out"
+    m = prepare_imagefolder(folder.root, out, samples_per_shard=100, workers=1)
+    cfg = DataConfig(manifest=str(out / MANIFEST), batch_size=50, image_size=16, loader_workers=0)
+    s = stream(cfg, 0, 1, 0, 0)
+    batches = list(s)
+    assert s.stats.skipped == 0 and s.stats.lost == 0
+    assert m.splits["train"].samples == sum(len(b.labels) for b in batches) == 600
+    assert batches[0].images.shape == (50, 3, 16, 16)
+
+
 def _run_twice(folder, tmp_path, workers: tuple[int, int], seeds=(0, 0)):
     outs = []
     for w, seed in zip(workers, seeds, strict=True):
