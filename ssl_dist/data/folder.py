@@ -108,7 +108,7 @@ def list_folder(root: Path) -> tuple[list[str], list[tuple[str, str]], list[tupl
             keep = []
             for d in sorted(dirnames):
                 full = os.path.join(dirpath, d)
-                if _inside(os.path.realpath(full), real_root):
+                if not os.path.islink(full) or _inside(os.path.realpath(full), real_root):
                     keep.append(d)
                 else:
                     refused.append((os.path.relpath(full, root), "symlink outside the input root"))
@@ -118,7 +118,8 @@ def list_folder(root: Path) -> tuple[list[str], list[tuple[str, str]], list[tupl
                 if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                     continue
                 rel = os.path.relpath(full, root)
-                if not _inside(os.path.realpath(full), real_root):
+                # Its folder lies inside the root: only a link can lead out.
+                if os.path.islink(full) and not _inside(os.path.realpath(full), real_root):
                     refused.append((rel, "symlink outside the input root"))
                 elif os.path.isfile(full):
                     files.append((rel, entry))
