@@ -136,6 +136,11 @@ class ModelConfig(_Strict):
     """Linear layers in the projector."""
     pred_hidden: int = Field(512, ge=8)
     """Hidden width of MoCo v3's predictor."""
+    pred_last_bn: bool = False
+    """MoCo v3: end the predictor with an affine-free BN (the reference does for its ViTs)."""
+    vit_heads: int | None = Field(None, ge=1)
+    """Attention heads of a ViT encoder (None: timm's, 6 for vit_small; MoCo v3's ViT-S has
+    12)."""
     depths: tuple[int, int, int, int] = (2, 2, 2, 2)
     """Residual blocks per stage of the thin ResNet (2, 2, 2, 2 is ResNet-18's depth)."""
     zero_init_residual: bool = True
@@ -192,10 +197,22 @@ class OptimConfig(_Strict):
 class ZeroConfig(_Strict):
     stage: Literal[0, 1, 2, 3] = 0
     """DeepSpeed ZeRO stage."""
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    """Training precision; fp32 on CPU, bf16 or fp16 on GPU."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """Training precision. ``bf16``: mixed precision by autocast, fp32 weights, optimizer state
+    and momentum encoders (:mod:`ssl_dist.precision`). ``auto``: bf16 where the device computes
+    it natively (a GPU with bf16, a CPU with AVX-512 BF16 / AMX), else fp32."""
     offload_optimizer: bool = False
     """Offload optimizer state to CPU memory (ZeRO 1-3)."""
+
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision(cls, v: Any) -> Any:
+        if v == "fp16":
+            raise ValueError(
+                "fp16 is not supported (it needs loss scaling and 16-bit momentum encoders lose "
+                "their EMA updates); use bf16 (autocast, fp32 weights) or auto"
+            )
+        return v
 
 
 class ScalingConfig(_Strict):

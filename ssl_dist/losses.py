@@ -11,16 +11,38 @@ gradients over ranks (divide by W), which gives exactly the gradient of the sing
 global loss. Do not rescale the loss by W in the trainer.
 
 Logits are computed in float32 (float64 inputs stay float64): normalising and dividing by a
-small temperature in bf16 would lose about 3 significant digits of the logits.
+small temperature in bf16 would lose about 3 significant digits of the logits. Both losses turn
+autocast off inside (:func:`ssl_dist.precision.full_precision`), so under bf16 mixed precision
+their normalisation, logits and cross-entropy still run in float32.
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import ParamSpec
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ssl_dist.dist import collectives
+from ssl_dist.precision import full_precision
+
+_P = ParamSpec("_P")
+
+
+def _autocast_off(fn: Callable[_P, Tensor]) -> Callable[_P, Tensor]:
+    """Run `fn` with autocast off on the device of its first (tensor) argument."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> Tensor:
+        first = args[0]
+        assert isinstance(first, Tensor)
+        with full_precision(first.device.type):
+            return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -32,6 +54,7 @@ def _check_temperature(temperature: float) -> None:
         raise ValueError(f"temperature must be > 0, got {temperature}")
 
 
+@_autocast_off
 def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True) -> Tensor:
     """NT-Xent, the normalised temperature-scaled cross-entropy of SimCLR.
 
@@ -89,6 +112,7 @@ def nt_xent_loss(z1: Tensor, z2: Tensor, temperature: float, gather: bool = True
     return F.cross_entropy(logits, positive_col)
 
 
+@_autocast_off
 def info_nce_loss(
     q: Tensor,
     k: Tensor,
@@ -150,3 +174,30 @@ def info_nce_loss(
     logits = q @ k_all.T / temperature  # [N, N_g]
     labels = offset + torch.arange(n, device=q.device)
     return F.cross_entropy(logits, labels)
+
+
+def infonce_bound(loss: Tensor, candidates: int) -> Tensor:
+    """The InfoNCE lower bound on mutual information, ``log(N) - L`` in nats.
+
+    van den Oord, Li, Vinyals, "Representation Learning with Contrastive Predictive Coding",
+    2018, sec. 2.3: ``I(x; c) >= log(N) - L_N``, where ``L_N`` is the InfoNCE loss (mean
+    cross-entropy of the positive among N candidates per anchor: 1 positive, N - 1 negatives).
+    At chance (uniform logits) ``L_N = log N`` and the bound is 0; it can never exceed
+    ``log N``, so it saturates once the loss nears 0 (larger N, a higher ceiling).
+
+    Args:
+        loss: The InfoNCE loss ``L_N`` (a scalar, the mean over anchors, without temperature
+            rescaling such as MoCo v3's ``2 * T``).
+        candidates: N, the candidates each anchor's softmax runs over (positive included):
+            SimCLR ``2 * N_g - 1``, MoCo v3 ``N_g``, MoCo v2 ``1 + K``.
+
+    Returns:
+        Detached float32 scalar.
+
+    Raises:
+        ValueError: for fewer than one candidate.
+    """
+    if candidates < 1:
+        raise ValueError(f"candidates must be >= 1, got {candidates}")
+    value = loss.detach().float()
+    return value.new_tensor(float(candidates)).log() - value

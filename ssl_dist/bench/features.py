@@ -227,7 +227,8 @@ def train_supervised(
                 idx = order[i : i + batch_size]
                 yield Labelled(train.images[idx], train.labels[idx])
 
-        backend, inputs = TorchBackend(model, opt), ClassifyInputs(views, "cpu", aug)
+        backend = TorchBackend(model, opt, precision=cfg.zero.precision)
+        inputs = ClassifyInputs(views, "cpu", aug)
         state, recorder, warmup, probe_steps = Position(), Recorder(), 10, 8
         start = time.perf_counter()
         limit = TimeLimit(time.monotonic() + budget_s)

@@ -222,7 +222,9 @@ def _phase_worker(rank: int, world: int, job: dict[str, Any]) -> list[list[float
     )
     rows = _PhaseRows(clock)
     run_steps(
-        TorchBackend(method, opt, allreduce=_mean_allreduce, clock=clock),
+        TorchBackend(
+            method, opt, allreduce=_mean_allreduce, clock=clock, precision=cfg.zero.precision
+        ),
         method.make_inputs(cfg, shards.manifest, "cpu"),
         lambda epoch: stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards),
         Schedule(WARMUP + job["steps"], plan.peak_lr, cfg.optim.warmup_steps),

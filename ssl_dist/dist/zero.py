@@ -37,12 +37,16 @@ What was checked against DeepSpeed 0.19 on its CPU accelerator (gloo), in
   encoder included: outside forward its ``p.data`` is empty (or, for small "persistent"
   parameters, a full copy that the partition does not follow). A plain in-place EMA is then a
   no-op or is silently lost; :func:`momentum_update` gathers first.
-* Precision on the CPU accelerator: it reports bf16 always and fp16 where oneDNN has fp16
-  kernels; :func:`build_engine` refuses what it does not report. bf16 trains (ZeRO 2 is tested
-  against fp32 to bf16 accuracy; stages 0 and 3 were tried by hand). fp16 builds and steps, but
-  its dynamic loss scale starts at 2**16 and skips overflowing steps, so it is not validated
-  here. Under bf16 / fp16 the whole module, momentum encoder included, is cast to 16 bit: EMA
-  updates with ``m`` close to 1 then lose most of their increment to rounding. Use fp32 on CPU.
+* Precision: bf16 is DeepSpeed's ``torch_autocast`` (``torch.autocast`` around the module's
+  forward, inside the engine), NOT its ``bf16`` mode. The ``bf16`` mode casts the whole module,
+  momentum encoder included, to bf16, where an EMA step at ``m = 0.999`` is below the weights'
+  resolution; under autocast the module, its gradients, the optimizer state and the momentum
+  encoder stay float32 (``tests/dist/test_zero.py`` checks the EMA against an fp32 reference
+  under ZeRO 0, 2 and 3). An autocast that the caller opens outside the engine is switched off
+  by DeepSpeed's forward, so the engine's own setting is the only one. Its
+  ``lower_precision_safe_modules`` is empty: gradients are reduced and ZeRO-3 parameters
+  gathered in float32 (bf16 communication would halve those bytes, and round the gathered
+  momentum weights). The loss and metrics turn autocast off (:mod:`ssl_dist.losses`).
 * DeepSpeed only resumes a ZeRO 1-3 checkpoint with the number of ranks that wrote it (stages
   1-2 raise, stage 3 fails on tensor sizes); stage-0 checkpoints load at any size.
   ``load(..., reshard=True)`` re-partitions a ZeRO 1-3 checkpoint for another world size
@@ -67,6 +71,7 @@ from ssl_dist.dist.checkpoint_files import CLIENT_STATE_KEY, checkpoint_dir, mod
 from ssl_dist.dist.gather import _unique, gathered
 from ssl_dist.dist.reshard import load_resharded
 from ssl_dist.optim import build_optimizer, param_groups
+from ssl_dist.precision import resolve as resolve_precision
 
 if TYPE_CHECKING:
     from deepspeed import DeepSpeedEngine
@@ -113,8 +118,9 @@ def deepspeed_config(
 
     Returns:
         ``train_batch_size = micro_batch * grad_accum * world_size``; ``gradient_clipping`` is
-        always written (DeepSpeed's own default is 1.0, not off); ``bf16`` / ``fp16`` blocks per
-        precision (fp16 with dynamic loss scaling); ``zero_allow_untested_optimizer`` since LARS
+        always written (DeepSpeed's own default is 1.0, not off); under bf16 a ``torch_autocast``
+        block (see the module docstring; ``zero.precision`` must be resolved, not ``auto``);
+        ``zero_allow_untested_optimizer`` since LARS
         and the torch optimizers are client optimizers; with ``offload_optimizer`` the optimizer
         state lives in CPU memory and ``zero_force_ds_cpu_optimizer`` is off so that a client
         optimizer is accepted.
@@ -139,10 +145,14 @@ def deepspeed_config(
     if zero.offload_optimizer:
         zero_opt["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
         cfg["zero_force_ds_cpu_optimizer"] = False
+    if zero.precision == "auto":
+        raise ValueError("zero.precision=auto must be resolved first (ssl_dist.precision.resolve)")
     if zero.precision == "bf16":
-        cfg["bf16"] = {"enabled": True}
-    elif zero.precision == "fp16":
-        cfg["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
+        cfg["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16",
+            "lower_precision_safe_modules": [],
+        }
     return _merge(cfg, extra) if extra else cfg
 
 
@@ -160,15 +170,18 @@ def check_supported(zero: ZeroConfig, optim: OptimConfig) -> None:
         )
 
 
-def _check_precision(precision: str) -> None:
+def _resolved(zero: ZeroConfig, model: nn.Module) -> ZeroConfig:
+    """`zero` with its precision resolved for the device of `model`'s parameters."""
     from deepspeed.accelerator import get_accelerator
 
+    param = next(model.parameters(), None)
+    device = param.device if param is not None else torch.device("cpu")
+    used = resolve_precision(zero.precision, device)
     accel = get_accelerator()
-    name = accel.device_name()
-    if precision == "bf16" and not accel.is_bf16_supported():
+    if used == "bf16" and not accel.is_bf16_supported():
+        name = accel.device_name()
         raise ValueError(f"zero.precision=bf16 is not supported on this {name} device; use fp32")
-    if precision == "fp16" and not accel.is_fp16_supported():
-        raise ValueError(f"zero.precision=fp16 is not supported on this {name} device; use fp32")
+    return zero.model_copy(update={"precision": used})
 
 
 def _ensure_local_rank() -> None:
@@ -211,8 +224,8 @@ def build_engine(
     when ``LOCAL_SIZE`` equals the world size; otherwise collectives go through gloo.
 
     Args:
-        model: The method (all its networks); moved and cast by DeepSpeed.
-        zero: ZeRO stage, precision, offload.
+        model: The method (all its networks), on its device; its weights stay float32.
+        zero: ZeRO stage, precision (``auto`` resolved for the model's device), offload.
         optim: Optimizer config.
         micro_batch: Samples per rank per micro-batch.
         world_size: Expected number of ranks (checked against the group).
@@ -225,6 +238,7 @@ def build_engine(
         RuntimeError: no process group.
     """
     check_supported(zero, optim)
+    zero = _resolved(zero, model)
     config = deepspeed_config(zero, optim, micro_batch, world_size, extra)
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(
@@ -235,7 +249,6 @@ def build_engine(
         raise ValueError(
             f"world_size={world_size} but the process group has {dist.get_world_size()} ranks"
         )
-    _check_precision(zero.precision)
     import deepspeed
 
     _ensure_local_rank()

@@ -33,6 +33,7 @@ from ssl_dist.config import Config, MethodConfig, ModelConfig
 from ssl_dist.data.shards import Manifest
 from ssl_dist.data.views import TwoViewInputs, views_for
 from ssl_dist.models import build_encoder, ema_update
+from ssl_dist.precision import full_precision
 
 
 class Inputs(Protocol):
@@ -172,9 +173,12 @@ def pair_metrics(h1: Tensor, h2: Tensor, e1: Tensor, e2: Tensor) -> dict[str, Te
         h1, h2: Online backbone features of the two views ``[N, F]`` (the representation kept
             after pretraining): ``alignment`` between them and ``uniformity`` of ``h1``.
         e1, e2: Positive pairs of the embedding the loss compares ``[N, D]``: ``pos_sim``.
+
+    Computed in float32 with autocast off (under bf16 mixed precision too).
     """
-    return {
-        "pos_sim": positive_similarity(e1, e2),
-        "alignment": alignment(h1, h2),
-        "uniformity": uniformity(h1),
-    }
+    with full_precision(h1.device.type):
+        return {
+            "pos_sim": positive_similarity(e1, e2),
+            "alignment": alignment(h1, h2),
+            "uniformity": uniformity(h1),
+        }

@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 from ssl_dist.tracking.client import bound_http_client, bounded, client
-from ssl_dist.tracking.run import START_TIMEOUT_S, find_or_create_run
+from ssl_dist.tracking.run import START_TIMEOUT_S, find_or_create_run, log_params
 
 
 class RunLogger:
@@ -40,6 +40,7 @@ class RunLogger:
         self._metrics: collections.deque = collections.deque(maxlen=max_metrics)
         self._artifacts: list[tuple[Path, str]] = []
         self._tags: dict[str, str] = {}
+        self._params: dict[str, str] = {}
         self._tmp = Path(tempfile.mkdtemp(prefix="ssl-dist-mlflow-"))
         self._cond = threading.Condition()
         self._closing = False
@@ -71,6 +72,12 @@ class RunLogger:
             self._tags.update(values)
             self._cond.notify()
 
+    def params(self, values: dict[str, str]) -> None:
+        """Log params (write-once: a value that differs from the run's is recorded in a tag)."""
+        with self._cond:
+            self._params.update(values)
+            self._cond.notify()
+
     def artifacts(self, files: list[Path], artifact_path: str) -> None:
         """Copy `files` now (the caller may delete them) and upload them under `artifact_path`."""
         dest = self._tmp / artifact_path.replace("/", "__")
@@ -93,7 +100,7 @@ class RunLogger:
             self._cond.notify()
         self._thread.join(timeout_s)
         with self._cond:
-            left = len(self._metrics) + len(self._artifacts) + len(self._tags)
+            left = len(self._metrics) + len(self._artifacts) + len(self._tags) + len(self._params)
         if left or self.dropped_metrics or self.dropped_artifacts:
             warnings.warn(
                 f"MLflow: {left} buffered items not sent, {self.dropped_metrics} "
@@ -107,13 +114,16 @@ class RunLogger:
         return left == 0
 
     # the sender thread
+    def _pending(self) -> bool:
+        return bool(self._metrics or self._artifacts or self._tags or self._params)
+
     def _run(self) -> None:
         backoff = 0.5
         while True:
             with self._cond:
-                while not (self._metrics or self._artifacts or self._tags or self._closing):
+                while not (self._pending() or self._closing):
                     self._cond.wait()
-                if self._closing and not (self._metrics or self._artifacts or self._tags):
+                if self._closing and not self._pending():
                     return
             try:
                 self._send()
@@ -156,6 +166,15 @@ class RunLogger:
                 while self._metrics and id(self._metrics[0]) in sent:
                     self._metrics.popleft()
                 self.sent_metrics += len(batch)
+        with self._cond:
+            params, self._params = self._params, {}
+        if params:
+            try:
+                log_params(c, c.get_run(self.run_id), params)
+            except Exception:
+                with self._cond:  # sent again on the next try
+                    self._params = {**params, **self._params}
+                raise
         with self._cond:
             tags = dict(self._tags)
         if tags:

@@ -81,7 +81,7 @@ def git_tags() -> dict[str, str]:
     return {"git.sha": sha, "git.dirty": str(bool(dirty)).lower()}
 
 
-def _log_params(mlflow_client, run, params: dict[str, str]) -> None:
+def log_params(mlflow_client, run, params: dict[str, str]) -> None:
     """Log params not yet on the run. MLflow params are write-once: a continued run whose
     config changed keeps the first values, and the changes are recorded in a tag."""
     from mlflow.entities import Param, RunTag  # heavy (mlflow)
@@ -107,7 +107,7 @@ def find_or_create_run(cfg, uri: str) -> str:
         run = c.create_run(exp_id, run_name=cfg.run.name, tags={RUN_KEY_TAG: key})
     elif run.info.status != "RUNNING":
         c.update_run(run.info.run_id, status="RUNNING")
-    _log_params(c, run, {k: str(v) for k, v in flatten(cfg).items()})
+    log_params(c, run, {k: str(v) for k, v in flatten(cfg).items()})
     c.set_tag(run.info.run_id, "ssl_dist.lineage", "see version.* and git.* tags")
     for k, v in lineage_tags(cfg).items():
         c.set_tag(run.info.run_id, k, v)

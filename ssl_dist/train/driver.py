@@ -162,16 +162,12 @@ def make_trainer(
     max_failures: int | None = None,
 ):
     """A TorchTrainer running `loop` on `cfg`'s workers; the loop gets ``{"config": cfg as JSON,
-    **extra}``. Refuses 16-bit precision without GPUs (exit 2)."""
+    **extra}``."""
     # heavy (ray.train: seconds): only once a run starts
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     use_gpu = _use_gpu(cfg)
-    if not use_gpu and cfg.zero.precision != "fp32":
-        raise ConfigError(
-            f"zero.precision={cfg.zero.precision} needs GPUs; this run has none: use fp32"
-        )
     # mypy sees Ray's V1 config classes (see pyproject); at run time these are the V2 ones.
     return TorchTrainer(
         loop,

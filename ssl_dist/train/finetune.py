@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors.torch import load as load_safetensors
 
+from ssl_dist import precision
 from ssl_dist.artifact import build_encoder, encoder_state, save_tensors, write_artifact
 from ssl_dist.atomic import write_atomic
 from ssl_dist.config import Config, ConfigError, DataConfig
@@ -61,6 +62,8 @@ def finetune_loop_per_worker(config: dict[str, Any]) -> None:
     engine = zero.build_engine(
         model, cfg.zero, cfg.optim, cfg.data.batch_size, world_size, plan.peak_lr
     )
+    if rank == 0:
+        print(precision.describe(cfg.zero.precision, device), file=sys.stderr)
     epochs = _EpochLoss(cfg.run.epochs, rank, device)
     start = time.perf_counter()
     state = run_steps(

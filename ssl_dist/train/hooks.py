@@ -201,7 +201,8 @@ class KnnMonitor(Hook):
 
 class Checkpoints(Hook):
     """A checkpoint every ``run.checkpoint_every`` steps, at a stop and after the last step
-    (with the run's throughput and memory figures), reported to Ray Train."""
+    (with the run's throughput and memory figures), reported to Ray Train with the step's
+    loss (mean over ranks)."""
 
     def __init__(
         self,
@@ -221,6 +222,8 @@ class Checkpoints(Hook):
         if out.step % self.cfg.run.checkpoint_every and not (out.done or out.stop):
             return
         final = self._final_metrics() if out.done else {}
+        # The step's loss, mean over ranks (a collective: every rank saves at this step).
+        final["loss"] = collectives.all_reduce_mean(out.loss.float()).item()
         self._save(final)
 
     def _final_metrics(self) -> dict:

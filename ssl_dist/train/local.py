@@ -52,7 +52,7 @@ def run_local(
     recorder = Recorder(on_step)
     start = time.perf_counter()
     state = run_steps(
-        TorchBackend(method, optimizer, cfg.optim.grad_accum),
+        TorchBackend(method, optimizer, cfg.optim.grad_accum, precision=cfg.zero.precision),
         inputs,
         lambda epoch: stream(cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards),
         plan.schedule(cfg),

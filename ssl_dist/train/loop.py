@@ -21,6 +21,7 @@ import ray.train
 import torch
 from safetensors.torch import load as load_safetensors
 
+from ssl_dist import precision
 from ssl_dist.config import Config
 from ssl_dist.data.stream import open_shards, stream
 from ssl_dist.dist import zero
@@ -95,6 +96,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         cfg, state, config.get("mlflow_run_id"), shards, views, device, rank, ctx.get_local_rank()
     )
     tracker.world_size(state.step, world_size, state.world_sizes)
+    tracker.params({"zero.precision_used": precision.resolve(cfg.zero.precision, device)})
+    if rank == 0:
+        print(precision.describe(cfg.zero.precision, device), file=sys.stderr)
     if cfg.run.stop_at_step is not None and state.step >= cfg.run.stop_at_step:
         tracker.close()
         return  # this segment already ran

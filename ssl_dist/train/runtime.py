@@ -30,6 +30,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from ssl_dist import precision as precision_
 from ssl_dist.dist import zero
 from ssl_dist.methods.base import Inputs
 from ssl_dist.optim import lr_at
@@ -103,6 +104,9 @@ class TorchBackend:
         allreduce: Called on the parameters with gradients before each optimizer step (a
             data-parallel gradient average, as in ``bench scaling``); None in one process.
         clock: Books the gradient all-reduce and the optimizer step on a :class:`PhaseClock`.
+        precision: ``fp32``, ``bf16`` (autocast around the forward; weights, gradients and
+            optimizer state stay float32, as in :class:`DeepSpeedBackend`) or ``auto``
+            (:func:`ssl_dist.precision.resolve` for the module's device).
     """
 
     def __init__(
@@ -112,9 +116,12 @@ class TorchBackend:
         grad_accum: int = 1,
         allreduce: Callable[[list[nn.Parameter]], None] | None = None,
         clock: PhaseClock | None = None,
+        precision: str = "fp32",
     ) -> None:
         self.module, self.optimizer, self.grad_accum = module, optimizer, grad_accum
         self.allreduce, self.clock = allreduce, clock or PhaseClock.off()
+        self.device = next(module.parameters()).device
+        self.precision = precision_.resolve(precision, self.device)
         self._micro = 0
 
     def set_lr(self, lr: float) -> None:
@@ -122,7 +129,8 @@ class TorchBackend:
             group["lr"] = lr
 
     def forward(self, inputs: tuple[Tensor, ...]) -> tuple[Tensor, dict[str, Tensor]]:
-        return _task_output(self.module(*inputs))
+        with precision_.autocast(self.device, self.precision):
+            return _task_output(self.module(*inputs))
 
     def backward(self, loss: Tensor) -> None:
         (loss / self.grad_accum).backward()
@@ -144,10 +152,12 @@ class TorchBackend:
 
 
 class DeepSpeedBackend:
-    """A DeepSpeed engine (ZeRO 0-3): it averages gradients over ranks, accumulates and steps."""
+    """A DeepSpeed engine (ZeRO 0-3): it averages gradients over ranks, accumulates and steps.
+    Under bf16 the engine itself autocasts its forward (:mod:`ssl_dist.dist.zero`). `clock`
+    books the engine's step (the gradient reduction of ZeRO 1-3 partly happens in backward)."""
 
-    def __init__(self, engine: Any) -> None:
-        self.engine = engine
+    def __init__(self, engine: Any, clock: PhaseClock | None = None) -> None:
+        self.engine, self.clock = engine, clock or PhaseClock.off()
         self.module = engine.module
 
     def set_lr(self, lr: float) -> None:
@@ -161,7 +171,8 @@ class DeepSpeedBackend:
         self.engine.backward(loss)  # scales by 1 / grad_accum
 
     def step(self) -> None:
-        self.engine.step()  # steps only at the accumulation boundary
+        with self.clock.phase("optimizer"):
+            self.engine.step()  # steps only at the accumulation boundary
 
     def momentum_update(self, step: int, total_steps: int) -> float:
 

@@ -68,6 +68,11 @@ class Tracker:
             out["system/gpu_mem_mb"] = torch.cuda.max_memory_allocated(self.device) / 2**20
         self.logger.metrics(step, out)
 
+    def params(self, values: dict[str, str]) -> None:
+        """Params only a worker knows (the precision it resolved, ...), logged by rank 0."""
+        if self.logger is not None:
+            self.logger.params(values)
+
     def data(self, step: int, damage: EpochDamage) -> None:
         """An epoch's data counts: metrics (``data/...``) every epoch; on damage the report on
         stderr and the tag naming every damaged shard seen by this worker group."""

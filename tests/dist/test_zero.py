@@ -53,8 +53,17 @@ CASES: dict[str, dict[str, Any]] = {
         "optim": "adamw",
         "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
     },
+    # bf16 = autocast with fp32 weights, optimizer state and momentum copy (inputs stay fp32).
+    "stage0-bf16": {"stage": 0, "optim": "sgd", "precision": "bf16"},
     "stage2-bf16": {"stage": 2, "optim": "sgd", "precision": "bf16"},
+    "stage3-bf16-partitioned": {
+        "stage": 3,
+        "optim": "adamw",
+        "precision": "bf16",
+        "extra": {"zero_optimization": {"stage3_param_persistence_threshold": 0}},
+    },
 }
+EMA_M, EMA_STEPS = 0.999, 6  # the fp32-EMA check under bf16: MoCo's momentum, K updates
 
 
 class TinyMoCo(nn.Module):
@@ -135,10 +144,9 @@ def _train(engine: Any, rank: int, steps: range, accum: int, ema_errors: list[fl
     for step in steps:
         zero.set_lr(engine, _lr(step))
         x, y = _batch(step, MICRO * WORLD * accum)
-        dtype = next(module.online.parameters()).dtype
         for micro in range(accum):
             rows = slice((micro * WORLD + rank) * MICRO, (micro * WORLD + rank + 1) * MICRO)
-            loss = _loss(engine(x[rows].to(dtype)), y[rows])
+            loss = _loss(engine(x[rows]), y[rows])  # fp32 inputs under every precision
             engine.backward(loss)
             engine.step()
         assert engine.global_steps == step + 1
@@ -154,10 +162,46 @@ def _train(engine: Any, rank: int, steps: range, accum: int, ema_errors: list[fl
         )
 
 
+class SlowMoCo(TinyMoCo):
+    """TinyMoCo at MoCo's constant momentum 0.999 (increments below bf16's resolution)."""
+
+    def momentum_update(self, step: int, total_steps: int) -> float:
+        ema_update(self.target, self.online, EMA_M)
+        return EMA_M
+
+
+def _ema_against_fp32(rank: int, world_size: int, case: dict[str, Any]) -> float | None:
+    """Max relative distance, over EMA_STEPS steps, between the target and an fp32 EMA of the
+    online weights (both read as the engine's full fp32 state); None on ranks other than 0."""
+    from ssl_dist.dist import zero
+
+    model = SlowMoCo()
+    reference = {k: v.detach().clone() for k, v in model.online.state_dict().items()}
+    engine = zero.build_engine(
+        model, _zero_cfg(case), _optim_cfg(case), MICRO, world_size, PEAK_LR, case.get("extra")
+    )
+    worst = 0.0
+    for step in range(EMA_STEPS):
+        _train(engine, rank, range(step, step + 1), 1, [])
+        full = zero.consolidated_state_dict(engine)
+        if full is None:
+            continue
+        for name, ref in reference.items():
+            ref.mul_(EMA_M).add_(full[f"online.{name}"], alpha=1 - EMA_M)
+            error = (full[f"target.{name}"] - ref).abs().max() / ref.abs().max()
+            worst = max(worst, float(error))
+    return worst if rank == 0 else None
+
+
 def _world(rank: int, world_size: int, root: str) -> dict[str, Any]:
     from ssl_dist.dist import memory, zero
 
     results: dict[str, Any] = {}
+    results["ema_vs_fp32"] = {
+        name: _ema_against_fp32(rank, world_size, case)
+        for name, case in CASES.items()
+        if case.get("precision") == "bf16"
+    }
     for name, case in CASES.items():
         zero_cfg, optim_cfg = _zero_cfg(case), _optim_cfg(case)
         accum = optim_cfg.grad_accum
@@ -248,7 +292,7 @@ def test_consolidated_state_dict_only_on_rank_zero(world, name: str) -> None:
     }
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("precision") != "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_state_dict_from_checkpoint_files(world, name: str) -> None:
     from ssl_dist.dist.checkpoint_files import state_dict_from_checkpoint
 
@@ -257,13 +301,24 @@ def test_state_dict_from_checkpoint_files(world, name: str) -> None:
     assert _max_diff(offline, results[0][name]["at_save"]) <= 1e-7
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("precision") != "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_momentum_ema_is_exact_on_every_rank(world, name: str) -> None:
     results, _ = world
     for rank in range(WORLD):
         errors = results[rank][name]["ema_errors"]
         assert len(errors) == TOTAL + N
         assert max(errors) <= 1e-6, errors
+
+
+BF16_CASES = [n for n, c in CASES.items() if c.get("precision") == "bf16"]
+
+
+@pytest.mark.parametrize("name", BF16_CASES)
+def test_bf16_momentum_encoder_follows_an_fp32_ema(world, name: str) -> None:
+    # Under bf16 the target moves by (1 - 0.999) * (online - target) per step, below bf16's
+    # resolution for most weights: only an fp32 momentum copy follows the fp32 reference EMA.
+    results, _ = world
+    assert results[0]["ema_vs_fp32"][name] <= 1e-6
 
 
 class _StubEngine:
@@ -298,7 +353,7 @@ def test_load_without_checkpoint_raises(tmp_path: Path) -> None:
         zero.load(_StubEngine(0, 1), tmp_path, tag="step9")  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("name", [n for n, c in CASES.items() if c.get("precision") != "bf16"])
+@pytest.mark.parametrize("name", list(CASES))
 def test_state_bytes_follow_the_zero_formula(world, name: str) -> None:
     # fp32: the measured parameter + optimizer bytes of a rank are the ZeRO paper's (SGD with
     # momentum) plus AdamW's second moment, up to partition padding and AdamW's step counters.
@@ -326,7 +381,7 @@ def test_deepspeed_config_fields() -> None:
     from ssl_dist.dist.zero import deepspeed_config
 
     optim = OptimConfig(grad_accum=4, grad_clip=0.0)
-    cfg = deepspeed_config(ZeroConfig(stage=2), optim, micro_batch=8, world_size=3)
+    cfg = deepspeed_config(ZeroConfig(stage=2, precision="fp32"), optim, 8, world_size=3)
     assert cfg["train_micro_batch_size_per_gpu"] == 8
     assert cfg["gradient_accumulation_steps"] == 4
     assert cfg["train_batch_size"] == 8 * 4 * 3
@@ -334,7 +389,7 @@ def test_deepspeed_config_fields() -> None:
     assert cfg["gradient_clipping"] == 0.0  # DeepSpeed's own default would clip to 1.0
     assert cfg["zero_allow_untested_optimizer"] is True
     assert cfg["wall_clock_breakdown"] is False
-    assert "bf16" not in cfg and "fp16" not in cfg
+    assert not {"bf16", "fp16", "torch_autocast"} & set(cfg)
 
     cfg = deepspeed_config(
         ZeroConfig(stage=3, precision="bf16", offload_optimizer=True),
@@ -343,7 +398,13 @@ def test_deepspeed_config_fields() -> None:
         world_size=1,
         extra={"zero_optimization": {"stage3_param_persistence_threshold": 0}},
     )
-    assert cfg["bf16"] == {"enabled": True}
+    # bf16 is autocast (fp32 weights), not DeepSpeed's bf16 mode that casts the module.
+    assert "bf16" not in cfg
+    assert cfg["torch_autocast"] == {
+        "enabled": True,
+        "dtype": "bfloat16",
+        "lower_precision_safe_modules": [],
+    }
     assert cfg["gradient_clipping"] == 1.5
     assert cfg["zero_optimization"] == {
         "stage": 3,
@@ -351,8 +412,10 @@ def test_deepspeed_config_fields() -> None:
         "stage3_param_persistence_threshold": 0,
     }
     assert cfg["zero_force_ds_cpu_optimizer"] is False
-    fp16 = deepspeed_config(ZeroConfig(precision="fp16"), OptimConfig(), 1, 1)["fp16"]
-    assert fp16["enabled"] is True and fp16["loss_scale"] == 0
+    with pytest.raises(ValueError, match="resolved first"):
+        deepspeed_config(ZeroConfig(precision="auto"), OptimConfig(), 1, 1)
+    with pytest.raises(ValueError, match="fp16 is not supported"):
+        ZeroConfig(precision="fp16")
 
 
 def test_deepspeed_config_rejects_bad_values() -> None:

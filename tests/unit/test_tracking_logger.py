@@ -95,3 +95,20 @@ def _wait(cond, timeout_s: float = 30.0) -> None:
     while not cond():
         assert time.time() < deadline, "condition not reached"
         time.sleep(0.2)
+
+
+def test_logger_params_from_a_worker(tmp_path):
+    # The precision a worker resolved: logged once, a different value at a resume kept in a tag.
+    from mlflow.tracking import MlflowClient
+
+    uri = tracking.resolve_uri(None, str(tmp_path / "runs"))
+    cfg = _cfg(tmp_path, f"tracking.uri={uri}")
+    run_id = tracking.find_or_create_run(cfg, uri)
+    for used in ("bf16", "fp32"):
+        logger = tracking.RunLogger(cfg, uri, run_id)
+        logger.params({"zero.precision_used": used})
+        assert logger.close(timeout_s=30)
+    run = MlflowClient(uri).get_run(run_id)
+    assert run.data.params["zero.precision_used"] == "bf16"
+    changed = [v for k, v in run.data.tags.items() if k.startswith("ssl_dist.changed_at_resume")]
+    assert changed == ["zero.precision_used: bf16 -> fp32"]
