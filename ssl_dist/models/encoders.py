@@ -18,7 +18,7 @@ Initialisation (documented because SSL results depend on it):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import timm
 import torch
@@ -163,6 +163,7 @@ def build_encoder(
         raise ValueError(
             f"{cfg.encoder}: image_size {image_size} is not a multiple of patch {patch}"
         )
+    heads: dict[str, Any] = {} if cfg.vit_heads is None else {"num_heads": cfg.vit_heads}
     model: nn.Module = timm.create_model(
         name,
         pretrained=False,
@@ -170,6 +171,7 @@ def build_encoder(
         in_chans=in_chans,
         img_size=image_size,
         patch_size=patch,
+        **heads,
     )
     return model
 

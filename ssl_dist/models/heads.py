@@ -51,15 +51,17 @@ class Projector(nn.Module):
 
 
 class Predictor(Projector):
-    """MoCo v3 predictor: 2-layer MLP ``[B, dim] -> [B, dim]`` without a final BN.
+    """MoCo v3 predictor: 2-layer MLP ``[B, dim] -> [B, dim]``; the reference ends it with an
+    affine-free BN for ViTs and without one for ResNets.
 
     Args:
         dim: Input and output width (the projector's ``out_dim``).
         hidden_dim: Hidden width.
+        last_bn: End with ``BatchNorm1d(dim, affine=False)``.
     """
 
-    def __init__(self, dim: int, hidden_dim: int) -> None:
-        super().__init__(dim, hidden_dim, dim, num_layers=2, last_bn=False)
+    def __init__(self, dim: int, hidden_dim: int, last_bn: bool = False) -> None:
+        super().__init__(dim, hidden_dim, dim, num_layers=2, last_bn=last_bn)
 
 
 def build_projector(cfg: ModelConfig, in_dim: int, last_bn: bool = False) -> Projector:
@@ -74,5 +76,6 @@ def build_projector(cfg: ModelConfig, in_dim: int, last_bn: bool = False) -> Pro
 
 
 def build_predictor(cfg: ModelConfig) -> Predictor:
-    """MoCo v3 predictor ``cfg.proj_dim -> cfg.pred_hidden -> cfg.proj_dim``."""
-    return Predictor(cfg.proj_dim, cfg.pred_hidden)
+    """MoCo v3 predictor ``cfg.proj_dim -> cfg.pred_hidden -> cfg.proj_dim`` (final BN with
+    ``cfg.pred_last_bn``)."""
+    return Predictor(cfg.proj_dim, cfg.pred_hidden, cfg.pred_last_bn)

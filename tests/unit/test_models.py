@@ -173,6 +173,23 @@ def test_predictor_shapes() -> None:
     assert pred(torch.randn(4, 16)).shape == (4, 16)
 
 
+def test_predictor_last_bn_for_vits() -> None:
+    # MoCo v3's ViT predictor ends in an affine-free BN; its ResNet predictor does not.
+    last = list(build_predictor(ModelConfig(proj_dim=16, pred_last_bn=True)).modules())[-1]
+    assert isinstance(last, nn.BatchNorm1d) and not last.affine
+    plain = list(build_predictor(ModelConfig(proj_dim=16)).modules())[-1]
+    assert isinstance(plain, nn.Linear)
+
+
+def test_vit_heads() -> None:
+    # timm's vit_small has 6 heads; MoCo v3's ViT-S has 12 (same width, 32 channels per head).
+    for heads in (None, 12):
+        cfg = ModelConfig(encoder="vit_small", small_stem=False, vit_heads=heads)
+        with torch.device("meta"):
+            vit = build_encoder(cfg, 3, 32)
+        assert vit.blocks[0].attn.num_heads == (heads or 6)
+
+
 def _bn_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
 
