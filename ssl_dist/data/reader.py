@@ -77,11 +77,15 @@ class ShardReader(IterableDataset):
         allow_unsafe,
         chunk,
         salt=0,
+        keep=None,
     ):
         super().__init__()
         self.urls, self.mode, self.seed, self.epoch, self.rank = urls, mode, seed, epoch, rank
         self.image_size, self.channels, self.chunk = image_size, channels, chunk
         self.shuffle_buffer, self.allow_unsafe, self.salt = shuffle_buffer, allow_unsafe, salt
+        self.keep: dict[str, frozenset[int]] | None = keep
+        """When given: per URL, the positions (0-based, in shard order) of the only samples to
+        decode and yield; the others are read past undecoded."""
 
     def _worker_urls(self, worker: int, num_workers: int) -> Iterator[str]:
         if self.mode == "exact":
@@ -89,19 +93,20 @@ class ShardReader(IterableDataset):
         rng = random.Random(f"{self.seed}/{self.epoch}/{self.rank}/{worker}/{self.salt}")
         return (rng.choice(self.urls) for _ in count())
 
-    @staticmethod
-    def _shard(url: str, events: list) -> Iterator[dict]:
-        """The samples of one shard, then an ``("end", url, found, error)`` event: how many
-        samples were found and, if reading broke off, why. Nothing is sent for a shard left
-        unfinished (the epoch had its batches)."""
+    def _shard(self, url: str, events: list) -> Iterator[dict]:
+        """The samples of one shard (only the kept ones with `keep`), then an
+        ``("end", url, found, error)`` event: how many samples were found and, if reading broke
+        off, why. Nothing is sent for a shard left unfinished (the epoch had its batches)."""
         found, error = 0, None
+        keep = None if self.keep is None else self.keep.get(url, frozenset())
         try:
             stream = _open(url)
             try:
                 files = tar_file_expander([{"url": url, "stream": stream}])
                 for sample in group_by_keys(files):
                     found += 1
-                    yield sample
+                    if keep is None or found - 1 in keep:
+                        yield sample
             finally:
                 stream.close()
         except Exception as e:  # missing, unreachable or cut short: counted, the policy decides

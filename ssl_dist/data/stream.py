@@ -175,12 +175,21 @@ class Stream:
     epoch: int
     seed: int
     partial: bool = False
+    keep: dict[str, frozenset[int]] | None = None
+    """Evaluation only: per URL, the positions of the samples to read (a subset of the split);
+    shards without an entry are not opened."""
     stats: StreamStats = field(default_factory=StreamStats)
 
     def __post_init__(self) -> None:
         self._index = {url: i for i, url in enumerate(self.shards.urls)}
         b = self.cfg.batch_size
-        if self.partial:
+        if self.keep is not None:
+            if not self.partial:
+                raise ValueError("a subset of samples (keep) is read in evaluation only")
+            mine = self.shards.urls[self.rank :: self.world_size]
+            self.urls = [u for u in mine if u in self.keep]
+            self.num_batches = -(-sum(len(self.keep[u]) for u in self.urls) // b)
+        elif self.partial:
             # Evaluation: every sample of this rank's shards once, last batch may be short.
             self.urls = self.shards.urls[self.rank :: self.world_size]
             self.num_batches = -(-sum(self.shards.counts[self.rank :: self.world_size]) // b)
@@ -313,6 +322,7 @@ class Stream:
             allow_unsafe=self.cfg.allow_unsafe,
             chunk=min(self.cfg.batch_size, 64),
             salt=salt,
+            keep=self.keep,
         )
         workers = self.cfg.loader_workers
         return DataLoader(
@@ -416,9 +426,11 @@ def stream(
     split: str | None = None,
     partial: bool = False,
     shards: ShardSet | None = None,
+    keep: dict[str, frozenset[int]] | None = None,
 ) -> Stream:
-    """Batches of one epoch for one rank. `partial=True` reads every sample once (evaluation)."""
+    """Batches of one epoch for one rank. `partial=True` reads every sample once (evaluation),
+    or with `keep` only the samples it names (see `Stream.keep`)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
     shards = shards or open_shards(cfg, split)
-    return Stream(cfg, shards, rank, world_size, epoch, seed, partial)
+    return Stream(cfg, shards, rank, world_size, epoch, seed, partial, keep)
