@@ -1,8 +1,9 @@
 """Run a function on every rank of a spawned gloo group on this machine and collect the results.
 
 The one place that starts local process groups: the distributed tests and the gloo benchmarks
-(``bench loss``, the phase timing of ``bench scaling``) use it. Ray Train starts the training
-workers' groups itself.
+(``bench loss``, the phase timing of ``bench scaling``) use it, and :func:`single_rank_group`
+gives the GPU check its one-rank group in this process. Ray Train starts the training workers'
+groups itself.
 
 Usage::
 
@@ -28,7 +29,8 @@ import socket
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any
 
@@ -54,6 +56,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+@contextmanager
+def single_rank_group(device: torch.device) -> Iterator[None]:
+    """A one-rank process group in this process (NCCL for a GPU, gloo for a CPU), with the
+    environment a launcher would set (``RANK``, ``LOCAL_RANK``...), destroyed on exit."""
+    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_SIZE="1")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(
+        backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1
+    )
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _child(

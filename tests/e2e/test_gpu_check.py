@@ -1,0 +1,50 @@
+"""The GPU check rehearsed on this CPU: ``launch/gpu_check.sh --device cpu --steps 2`` runs every
+case through the per-worker path without Ray and writes its table's JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_gpu_check_rehearsal_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    proc = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "launch" / "gpu_check.sh"),
+            "--device",
+            "cpu",
+            "--steps",
+            "2",
+            "--work",
+            str(tmp_path / "work"),
+            "--fmnist",
+            str(tmp_path / "no-carried-shards"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=850,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    rows = doc["rows"]
+    cases = {(r["model"], r["method"], r["precision"], r["zero"]) for r in rows}
+    assert len(rows) == len(cases) == 2 * 3 * 2 * 2  # models x methods x precisions x stages
+    assert {r["precision"] for r in rows} == {"bf16", "fp32"}
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["images_s"] > 0 and r["tflop_s"] > 0
+        assert all(r[f"{p}_ms"] > 0 for p in ("inputs", "forward", "backward", "optimizer")), r
+    assert doc["bf16_peak_tflop_s"] > 0 and doc["machine"]["cpu_capability"]
+    assert "cases ok" in proc.stdout and "| model" in proc.stdout
