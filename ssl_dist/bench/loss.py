@@ -188,7 +188,8 @@ def method_rows(
         torch.manual_seed(0)
         cfg = MethodConfig(name=name, queue_size=max(4096 // batch, 1) * batch)  # type: ignore[arg-type]
         method = build_method(cfg, model, 3, image_size)
-        built[name] = TorchBackend(method, torch.optim.SGD(method.trainable_parameters(), lr=0.0))
+        opt = torch.optim.SGD(method.trainable_parameters(), lr=0.0)
+        built[name] = TorchBackend(method, opt, precision="auto")  # as `pretrain` would run
     durations: dict[str, list[float]] = {name: [] for name in built}
 
     def one_round() -> int:
