@@ -373,9 +373,9 @@ def consolidated_state_dict(engine: DeepSpeedEngine) -> dict[str, Tensor] | None
     """The full state dict of ``engine.module`` on rank 0, ``None`` on the other ranks.
 
     Every rank must call it (ZeRO-3 gathers one module's own parameters at a time). Parameters
-    come back as float32 CPU tensors: the fp32 master weights where DeepSpeed keeps a separate
-    copy (ZeRO 1-3 under bf16 / fp16), else the module's weights upcast (fp32 training: they are
-    the master weights; frozen parameters; stage 0 under bf16 / fp16). Buffers keep their
+    come back as float32 CPU tensors: the module's own weights, which are the fp32 master
+    weights under fp32 and under bf16 autocast alike (an engine in DeepSpeed's own 16-bit mode,
+    which this project does not configure, would give its fp32 master copy). Buffers keep their
     dtype. Keys are those of ``module.state_dict()`` (shared parameters appear under each name).
     """
     from deepspeed.utils import safe_get_full_fp32_param
