@@ -6,20 +6,18 @@ shards against the manifest and re-batches the chunks into exact batches."""
 
 from __future__ import annotations
 
-import io
 import random
 from collections.abc import Iterator
 from itertools import count
 
 import fsspec
-import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_dist.config import ConfigError
+from ssl_dist.data.crops import decode_views, sample_rng
 from ssl_dist.data.shards import (
     IMAGE_EXTS,
     is_unsafe,
@@ -44,23 +42,20 @@ def _message(exn: BaseException) -> str:
 
 
 def decode_image(payload: bytes, size: int, channels: int) -> torch.Tensor:
-    """PNG/JPEG bytes -> uint8 [C, size, size]."""
-    with Image.open(io.BytesIO(payload)) as raw:
-        im = raw.convert("L" if channels == 1 else "RGB")
-    if im.size != (size, size):
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
-    arr = np.asarray(im)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).contiguous()
+    """PNG/JPEG/WebP bytes -> uint8 [C, size, size]: the evaluation view (short side resized to
+    `size`, centre crop; see :mod:`ssl_dist.data.crops`)."""
+    return decode_views(payload, size, channels)[0]
 
 
 class ShardReader(IterableDataset):
     """Per-rank reader; each DataLoader worker takes its share of this rank's shards.
 
-    Yields chunks ``(images uint8 [k,C,H,W], labels int64 [k], events)`` of up to `chunk`
-    samples, `events` saying which samples did not decode and how many samples each finished
-    shard held; the main process re-batches them into exact batches and keeps the counts.
+    Yields chunks ``(images uint8 [k,C,H,W], labels int64 [k], events, crops)`` of up to
+    `chunk` samples, `events` saying which samples did not decode and how many samples each
+    finished shard held; the main process re-batches them into exact batches and keeps the
+    counts. `images` are the evaluation views; with `crop_scale`, `crops` (uint8
+    ``[k, 2, C, H, W]``, else None) are the two training views' random-resized crops, cut from
+    the same decode of the full-resolution image with a generator of (seed, epoch, key).
     """
 
     def __init__(
@@ -78,11 +73,13 @@ class ShardReader(IterableDataset):
         chunk,
         salt=0,
         keep=None,
+        crop_scale=None,
     ):
         super().__init__()
         self.urls, self.mode, self.seed, self.epoch, self.rank = urls, mode, seed, epoch, rank
         self.image_size, self.channels, self.chunk = image_size, channels, chunk
         self.shuffle_buffer, self.allow_unsafe, self.salt = shuffle_buffer, allow_unsafe, salt
+        self.crop_scale: tuple[float, float] | None = crop_scale
         self.keep: dict[str, frozenset[int]] | None = keep
         """When given: per URL, the positions (0-based, in shard order) of the only samples to
         decode and yield; the others are read past undecoded."""
@@ -130,7 +127,7 @@ class ShardReader(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict) -> tuple[list[torch.Tensor], int]:
         bad = [k for k in sample if is_unsafe(k)]
         if bad and not self.allow_unsafe:
             raise UnsafeDataError(
@@ -140,29 +137,47 @@ class ShardReader(IterableDataset):
         ext = next((e for e in IMAGE_EXTS if e in sample), None)
         if ext is None or "cls" not in sample:
             raise ValueError(f"sample {sample['__key__']} has no image or no cls")
-        return decode_image(sample[ext], self.image_size, self.channels), int(sample["cls"])
+        label = int(sample["cls"])
+        rng = None
+        if self.crop_scale is not None:
+            shard = sample["__url__"].rsplit("/", 1)[-1]  # the same from a mirror
+            rng = sample_rng(self.seed, self.epoch, f"{shard}/{sample['__key__']}")
+        views = decode_views(sample[ext], self.image_size, self.channels, rng, self.crop_scale)
+        return views, label
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Events since the last chunk: ("skip", url, key, why) and ("end", url, found, error).
         events: list = []
-        images: list[torch.Tensor] = []
+        views: list[list[torch.Tensor]] = []
         labels: list[int] = []
+
+        def chunk() -> tuple:
+            sent, events[:] = list(events), []
+            if not views:
+                return (
+                    torch.empty(0, dtype=torch.uint8),
+                    torch.empty(0, dtype=torch.int64),
+                    sent,
+                    None,
+                )
+            images = torch.stack([v[0] for v in views])
+            crops = torch.stack([torch.stack(v[1:]) for v in views]) if len(views[0]) > 1 else None
+            return images, torch.tensor(labels, dtype=torch.int64), sent, crops
+
         for sample in self._samples(worker, num_workers, events):
             try:
-                image, label = self._decode(sample)
+                decoded, label = self._decode(sample)
             except UnsafeDataError:
                 raise
             except Exception as e:  # a corrupt sample: counted; the policy decides
                 events.append(("skip", sample["__url__"], sample["__key__"], _message(e)))
                 continue
-            images.append(image)
+            views.append(decoded)
             labels.append(label)
-            if len(images) == self.chunk:
-                sent, events[:] = list(events), []
-                yield torch.stack(images), torch.tensor(labels), sent
-                images, labels = [], []
-        if images or events:
-            stacked = torch.stack(images) if images else torch.empty(0, dtype=torch.uint8)
-            yield stacked, torch.tensor(labels, dtype=torch.int64), list(events)
+            if len(views) == self.chunk:
+                yield chunk()
+                views, labels = [], []
+        if views or events:
+            yield chunk()

@@ -73,6 +73,9 @@ class Batch:
     """uint8 [B, C, H, W]."""
     labels: torch.Tensor
     """int64 [B]."""
+    crops: torch.Tensor | None = None
+    """uint8 [B, 2, C, H, W]: the two training views' random-resized crops, cut by the loader
+    from the full-resolution images (streams with ``crop_scale``), else None."""
 
 
 @dataclass
@@ -175,6 +178,9 @@ class Stream:
     epoch: int
     seed: int
     partial: bool = False
+    crop_scale: tuple[float, float] | None = None
+    """The views' crop area range: the loader cuts each sample's two random-resized crops
+    (``Batch.crops``) from the full-resolution image."""
     keep: dict[str, frozenset[int]] | None = None
     """Evaluation only: per URL, the positions of the samples to read (a subset of the split);
     shards without an entry are not opened."""
@@ -323,6 +329,7 @@ class Stream:
             chunk=min(self.cfg.batch_size, 64),
             salt=salt,
             keep=self.keep,
+            crop_scale=self.crop_scale,
         )
         workers = self.cfg.loader_workers
         return DataLoader(
@@ -339,9 +346,9 @@ class Stream:
             ),
         )
 
-    def _chunks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
-        """Chunks ``(images, labels, repeated)`` from the loader; in exact mode a short pass
-        (after lost or skipped samples) is topped up by another pass over this rank's shards,
+    def _chunks(self) -> Iterator[tuple[list[torch.Tensor], bool]]:
+        """Chunks ``([images, labels, crops?], repeated)`` from the loader; in exact mode a short
+        pass (after lost or skipped samples) is topped up by another pass over this rank's shards,
         so the batch count never falls short; its samples come with ``repeated=True``."""
         for salt in count():
             if salt > 0:
@@ -356,11 +363,12 @@ class Stream:
                 )
             got = 0
             try:
-                for images, labels, events in self._loader(salt):
+                for images, labels, events, crops in self._loader(salt):
                     self._record(events)
                     got += len(labels)
                     if len(labels):
-                        yield images, labels, salt > 0
+                        parts = [images, labels] + ([] if crops is None else [crops])
+                        yield parts, salt > 0
             except RuntimeError as e:
                 if "timed out" in str(e).lower():
                     raise StreamTimeout(
@@ -372,33 +380,35 @@ class Stream:
             if got == 0 and salt > 0:
                 return
 
+    @staticmethod
+    def _batch(parts: list[torch.Tensor]) -> Batch:
+        return Batch(parts[0], parts[1], parts[2] if len(parts) > 2 else None)
+
     def __iter__(self) -> Iterator[Batch]:
         self.check()
         start = time.perf_counter()
         b = self.cfg.batch_size
-        pending_x: list[torch.Tensor] = []
-        pending_y: list[torch.Tensor] = []
-        pending_r: list[torch.Tensor] = []
+        # Per pending chunk: [images, labels, (crops,) repeated]; cut into exact batches.
+        pending: list[list[torch.Tensor]] = []
         have = 0
-        for images, labels, repeated in self._chunks():
-            pending_x.append(images)
-            pending_y.append(labels)
-            pending_r.append(torch.full((len(labels),), repeated))
-            have += len(labels)
+        for parts, repeated in self._chunks():
+            pending.append([*parts, torch.full((len(parts[1]),), repeated)])
+            have += len(parts[1])
             while have >= b and self.stats.batches < self.num_batches:
-                x, y, r = torch.cat(pending_x), torch.cat(pending_y), torch.cat(pending_r)
-                pending_x, pending_y, pending_r, have = [x[b:]], [y[b:]], [r[b:]], have - b
+                joined = [torch.cat(column) for column in zip(*pending, strict=True)]
+                pending, have = [[t[b:] for t in joined]], have - b
                 self.stats.batches += 1
                 self.stats.samples += b
-                self.stats.repeats += int(r[:b].sum())
+                self.stats.repeats += int(joined[-1][:b].sum())
                 self.stats.seconds = time.perf_counter() - start
-                yield Batch(x[:b], y[:b])
+                yield self._batch([t[:b] for t in joined[:-1]])
             if self.stats.batches >= self.num_batches:
                 break
         if self.partial and have:
             self.stats.batches += 1
             self.stats.samples += have
-            yield Batch(torch.cat(pending_x), torch.cat(pending_y))
+            joined = [torch.cat(column) for column in zip(*pending, strict=True)]
+            yield self._batch(joined[:-1])
         self.stats.seconds = time.perf_counter() - start
         if self.stats.shards or self.stats.repeats:
             log.warning(
@@ -427,10 +437,12 @@ def stream(
     partial: bool = False,
     shards: ShardSet | None = None,
     keep: dict[str, frozenset[int]] | None = None,
+    crop_scale: tuple[float, float] | None = None,
 ) -> Stream:
     """Batches of one epoch for one rank. `partial=True` reads every sample once (evaluation),
-    or with `keep` only the samples it names (see `Stream.keep`)."""
+    or with `keep` only the samples it names (see `Stream.keep`). With `crop_scale` (the run's
+    ``views.crop_scale``) each batch carries the two training crops (``Batch.crops``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
     shards = shards or open_shards(cfg, split)
-    return Stream(cfg, shards, rank, world_size, epoch, seed, partial, keep)
+    return Stream(cfg, shards, rank, world_size, epoch, seed, partial, crop_scale, keep)

@@ -1,5 +1,10 @@
 """Two augmented views of a batch, on the batch's device (kornia, per-sample parameters).
 
+The loader can cut the random-resized crops itself, from the full-resolution image
+(``stream(..., crop_scale=views.crop_scale)``, :mod:`ssl_dist.data.crops`); the batch then
+carries them (``Batch.crops``) and :meth:`TwoViews.from_crops` applies the remaining steps.
+Without them the crop is taken here from the loader's evaluation view (the centred square).
+
 The recipe is SimCLR's (Chen et al. 2020, appendix A) with the per-view blur / solarization
 probabilities of BYOL / MoCo v3 (``moco-v3/main_moco.py``: ``augmentation1`` and
 ``augmentation2``), in MoCo v3's order: random resized crop, horizontal flip, colour jitter
@@ -147,6 +152,28 @@ class TwoViews(nn.Module):
         with _seeded(x.device, seed):
             return self._views(x)
 
+    def from_crops(
+        self, crops: torch.Tensor, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two views of crops the loader already cut and resized (``Batch.crops``): every
+        step but the random-resized crop, batched on the crops' device.
+
+        Args:
+            crops: uint8 ``[B, 2, C, image_size, image_size]`` (view 1, view 2 per sample).
+            seed: As in :meth:`forward`.
+        """
+        size = self.image_size
+        if crops.dtype != torch.uint8 or crops.ndim != 5 or crops.shape[1] != 2:
+            raise ValueError(f"expected uint8 [B, 2, C, H, W] crops, got {tuple(crops.shape)}")
+        if crops.shape[-2:] != (size, size):
+            raise ValueError(f"crops are {tuple(crops.shape[-2:])}, the views {size} px")
+        x = crops.float().div_(255.0)
+        pipes = self.colour if x.shape[2] == 3 else self.grey
+        after_crop = [nn.Sequential(*list(p.children())[1:]) for p in pipes]
+        with _seeded(x.device, seed):
+            v1, v2 = (self._finish(after_crop[i](x[:, i])) for i in range(2))
+        return v1, v2
+
     def single(self, batch: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """One augmented view (the first view's recipe) of a uint8 batch, for tasks that need
         one: as :meth:`forward`, returns float32 ``[B, channels, image_size, image_size]``."""
@@ -204,6 +231,9 @@ class TwoViewInputs:
         self.views = views.to(self.device)
 
     def __call__(self, batch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = getattr(batch, "crops", None)
+        if crops is not None:  # cut by the loader from the full-resolution images
+            return self.views.from_crops(crops.to(self.device, non_blocking=True), seed=seed)
         return self.views(batch.images.to(self.device, non_blocking=True), seed=seed)
 
 
