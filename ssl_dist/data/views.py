@@ -109,6 +109,7 @@ class TwoViews(nn.Module):
             raise ValueError(f"channels must be 1 or 3, got {channels}")
         self.image_size = image_size
         self.channels = channels
+        self.crop_scale = cfg.crop_scale
         self.normalize = cfg.normalize
         args = [(cfg.blur_p[i], cfg.solarize_p[i]) for i in range(2)]
         self.colour = nn.ModuleList(_pipeline(cfg, image_size, True, *a) for a in args)
@@ -221,6 +222,9 @@ def views_for(cfg: Config, manifest: Manifest) -> TwoViews:
 class TwoViewInputs:
     """The inputs of a two-view method: ``(x1, x2)`` of a decoded batch, on `device`.
 
+    A batch with loader crops (``Batch.crops``) gets the remaining steps only
+    (:meth:`TwoViews.from_crops`); else the whole recipe runs on ``batch.images``.
+
     Args:
         views: The augmentation (moved to `device` here).
         device: Where the views are made and the model runs.
@@ -229,6 +233,10 @@ class TwoViewInputs:
     def __init__(self, views: TwoViews, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.views = views.to(self.device)
+        self.crop_scale: tuple[float, float] | None = views.crop_scale
+        """What the training stream should cut in the loader
+        (``stream(..., crop_scale=inputs.crop_scale)``); inputs without the attribute, or with
+        None, take no loader crops."""
 
     def __call__(self, batch, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
         crops = getattr(batch, "crops", None)

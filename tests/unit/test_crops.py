@@ -158,9 +158,13 @@ def test_stream_crops_follow_seed_epoch_and_key(tmp_path):
     assert all(torch.equal(first[k], again[k]) for k in first)
     other = _by_label(cfg, epoch=3)
     assert sum(torch.equal(first[k], other[k]) for k in first) == 0
-    batch = next(iter(stream(cfg, 0, 1, 2, seed=7, crop_scale=SCALE)))
-    x1, x2 = TwoViewInputs(TwoViews(ViewsConfig(), S, 3, [0.5] * 3, [0.2] * 3))(batch, 1)
+    # The inputs name the crop the training stream should cut, and take the loader's crops.
+    inputs = TwoViewInputs(TwoViews(ViewsConfig(crop_scale=SCALE), S, 3, [0.5] * 3, [0.2] * 3))
+    assert inputs.crop_scale == SCALE
+    batch = next(iter(stream(cfg, 0, 1, 2, seed=7, crop_scale=inputs.crop_scale)))
+    x1, x2 = inputs(batch, 1)
     assert x1.shape == x2.shape == (4, 3, S, S)
+    assert torch.equal(x1, inputs.views.from_crops(batch.crops, seed=1)[0])
 
 
 def test_tiny_images_give_sensible_crops(tmp_path):
