@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from ssl_dist.artifact import read_artifact
 from ssl_dist.config import DataConfig
-from ssl_dist.data.stream import ShardSet, open_shards, stream
+from ssl_dist.data.shardset import ShardSet
+from ssl_dist.data.stream import open_shards, stream
 from ssl_dist.data.views import TwoViews, views_for
 from ssl_dist.models import build_encoder
 
