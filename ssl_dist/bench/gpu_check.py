@@ -101,23 +101,26 @@ def _head(source: Source, n: int) -> Source:
     return Source(source.name, source.classes, source.channels, splits)
 
 
-def prepare_data(work: Path, fmnist: Path) -> dict[str, Path]:
-    """Shards for both sizes under `work` (kept between runs): 10,000 Fashion-MNIST images
+def prepare_data(work: Path, fmnist: Path, images: int = 10_000) -> dict[str, Path]:
+    """Shards for both sizes under `work` (kept between runs): `images` Fashion-MNIST images
     (from the IDX files in `fmnist`, carried, or Debian's dataset-fashion-mnist; digits where
-    neither is at hand) and JPEG shards of a generated ImageNet-layout folder (original bytes,
-    as `data prepare` writes them)."""
+    neither is at hand) and JPEG shards of a generated ImageNet-layout folder of `images` / 5
+    files (original bytes, as `data prepare` writes them)."""
     from ssl_dist.data.prepare import prepare_imagefolder
     from ssl_dist.data.synthetic import make_imagefolder
 
     small = work / "small"
     if not (small / "manifest.json").is_file():
         roots = [r for r in (fmnist, FASHION_MNIST_DIR) if (r / IDX).is_file()]
-        source = _head(fashion_mnist(roots[0]), 10_000) if roots else digits()
+        source = _head(fashion_mnist(roots[0]), images) if roots else digits()
         write_shards(source, small, samples_per_shard=2000, overwrite=True)
     jpeg = work / "jpeg"
     if not (jpeg / "manifest.json").is_file():
         folder = work / "jpeg-folder"
-        make_imagefolder(folder, 2000, 200, dataset="digits", min_side=256, max_side=500, corrupt=0)
+        n = max(images // 5, 20)
+        make_imagefolder(
+            folder, n, n // 10, dataset="digits", min_side=256, max_side=500, corrupt=0
+        )
         prepare_imagefolder(folder, jpeg, 500, 0, 0.0, overwrite=True)
     return {"small": small, "jpeg": jpeg}
 
@@ -288,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.set_device(device)
     os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
     print(machine_line(), flush=True)
-    data = prepare_data(args.work, args.fmnist)
+    data = prepare_data(args.work, args.fmnist, 10_000 if device.type == "cuda" else 500)
     peak = bf16_peak_tflops(device)
     print(f"bf16 matmul peak measured: {peak:.1f} TFLOP/s", flush=True)
     with single_rank_group(device):
