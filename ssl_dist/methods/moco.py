@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.dist import collectives
-from ssl_dist.losses import info_nce_loss
+from ssl_dist.losses import info_nce_loss, infonce_bound
 from ssl_dist.methods.base import SSLMethod, num_features, pair_metrics
 from ssl_dist.models import (
     build_predictor,
@@ -85,7 +85,10 @@ class MoCoV3(_MoCo):
 
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Args: x1, x2: views ``[N, C, H, W]``. Returns: the symmetric loss (mean over local
-        queries) and ``pos_sim`` (queries vs keys), ``alignment`` / ``uniformity`` (backbone)."""
+        queries) and ``pos_sim`` (queries vs keys), ``alignment`` / ``uniformity`` (backbone),
+        ``infonce_bound_nats`` (``log(N_g) - L`` with L the mean of the two InfoNCE terms
+        before the ``2 T`` factor: each query's softmax runs over the N_g keys of the gathered
+        global batch; N_g = N without ``gather``)."""
         self.check_views(x1, x2)
         h1, h2 = self.encoder(x1), self.encoder(x2)  # [N, F]; separate BN batches per view
         q1, q2 = self.predictor(self.projector(h1)), self.predictor(self.projector(h2))  # [N, D]
@@ -94,6 +97,8 @@ class MoCoV3(_MoCo):
         both = info_nce_loss(q1, k2, t, gather=gather) + info_nce_loss(q2, k1, t, gather=gather)
         loss = 2 * t * both
         metrics = pair_metrics(h1, h2, torch.cat([q1, q2]), torch.cat([k2, k1]))
+        n_global = x1.shape[0] * (collectives.world_size() if gather else 1)
+        metrics["infonce_bound_nats"] = infonce_bound(both / 2, n_global)
         return loss, metrics
 
 
@@ -156,7 +161,9 @@ class MoCoV2(_MoCo):
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Args: x1, x2: views ``[N, C, H, W]``. Returns: the symmetric loss (mean over local
         queries) and ``pos_sim``, ``alignment``, ``uniformity``, ``queue_fill`` (fraction of the
-        queue holding real keys). Enqueues this step's keys after computing the loss.
+        queue holding real keys), ``infonce_bound_nats`` (``log(1 + K) - loss``: each query's
+        softmax runs over its key and the K queued ones). Enqueues this step's keys after
+        computing the loss.
 
         Raises:
             ValueError: if ``queue_size`` is not a multiple of the keys enqueued per step.
@@ -171,6 +178,7 @@ class MoCoV2(_MoCo):
             info_nce_loss(q1, k2, t, queue=self.queue) + info_nce_loss(q2, k1, t, queue=self.queue)
         )
         metrics = pair_metrics(h1, h2, torch.cat([q1, q2]), torch.cat([k2, k1]))
+        metrics["infonce_bound_nats"] = infonce_bound(loss, 1 + self.queue.shape[0])
         self._enqueue(k2_all if self.cfg.gather else k2)
         metrics["queue_fill"] = self.queue_filled.float() / self.queue.shape[0]
         return loss, metrics

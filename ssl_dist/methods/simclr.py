@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 
 from ssl_dist.config import MethodConfig, ModelConfig
-from ssl_dist.losses import nt_xent_loss
+from ssl_dist.dist import collectives
+from ssl_dist.losses import infonce_bound, nt_xent_loss
 from ssl_dist.methods.base import SSLMethod, num_features, pair_metrics
 from ssl_dist.models import build_projector
 
@@ -38,10 +39,15 @@ class SimCLR(SSLMethod):
 
     def forward(self, x1: Tensor, x2: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Args: x1, x2: views ``[N, C, H, W]``. Returns: NT-Xent loss over local anchors and
-        ``pos_sim`` (of projections), ``alignment`` / ``uniformity`` (of backbone features)."""
+        ``pos_sim`` (of projections), ``alignment`` / ``uniformity`` (of backbone features),
+        ``infonce_bound_nats`` (``log(2 N_g - 1) - loss``: each anchor's softmax runs over the
+        2 N_g views of the gathered global batch but itself; N_g = N without ``gather``)."""
         self.check_views(x1, x2)
         n = x1.shape[0]
         h = self.encoder(torch.cat([x1, x2], dim=0))  # [2N, F]
         z = self.projector(h)  # [2N, D]
         loss = nt_xent_loss(z[:n], z[n:], self.cfg.temperature, gather=self.cfg.gather)
-        return loss, pair_metrics(h[:n], h[n:], z[:n], z[n:])
+        metrics = pair_metrics(h[:n], h[n:], z[:n], z[n:])
+        n_global = n * (collectives.world_size() if self.cfg.gather else 1)
+        metrics["infonce_bound_nats"] = infonce_bound(loss, 2 * n_global - 1)
+        return loss, metrics

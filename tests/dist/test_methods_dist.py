@@ -20,6 +20,7 @@ a hand-built reference that uses the same permutation.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import pytest
@@ -87,11 +88,13 @@ def _train(spec: dict[str, Any], rank: int, world_size: int, per_rank: int) -> d
     params = method.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=0.5)
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
-    losses, local_losses, first_grads = [], [], []
+    losses, local_losses, first_grads, bounds = [], [], [], []
     for step in range(STEPS):
         x1, x2 = _views(step, world_size * per_rank)
         optimizer.zero_grad()
-        loss, _ = method(x1[rows], x2[rows])
+        loss, metrics = method(x1[rows], x2[rows])
+        if "infonce_bound_nats" in metrics:
+            bounds.append(metrics["infonce_bound_nats"])
         loss.backward()
         for p in params:
             assert p.grad is not None
@@ -106,6 +109,7 @@ def _train(spec: dict[str, Any], rank: int, world_size: int, per_rank: int) -> d
         "losses": torch.stack(losses),
         "local_losses": torch.stack(local_losses),
         "grads": first_grads,
+        "bounds": bounds,
         "state": {k: v.detach().clone() for k, v in method.state_dict().items()},
     }
 
@@ -191,3 +195,22 @@ def test_shuffle_bn_encodes_permuted_slices_and_unshuffles(world) -> None:
         assert int(result["ptr"]) == n_global % QUEUE
         # The rest of the queue is still the seeded initial queue.
         torch.testing.assert_close(result["queue"][n_global:], method.queue[n_global:])
+
+
+def _candidates(name: str, n_global: int) -> int:
+    """InfoNCE candidates per anchor: the gathered global batch, or the queue."""
+    return {"simclr": 2 * n_global - 1, "moco_v3": n_global}.get(name, 1 + QUEUE)
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_infonce_bound_counts_the_gathered_candidates(world, name: str) -> None:
+    """Each rank's bound is log(N) - L of its own loss, N counted over the whole world."""
+    world_size, results = world
+    n = _candidates(name, world_size * PER_RANK)
+    assert n != _candidates(name, PER_RANK) or name.startswith("moco_v2")
+    scale = 4 * 0.3 if name == "moco_v3" else 1.0  # MoCo v3's loss is 2 T (L1 + L2)
+    for rank, result in enumerate(r[name] for r in results):
+        assert len(result["bounds"]) == STEPS
+        for bound, loss in zip(result["bounds"], result["local_losses"], strict=True):
+            want = math.log(n) - float(loss) / scale
+            assert float(bound) == pytest.approx(want, rel=1e-5, abs=1e-5), f"rank {rank}"

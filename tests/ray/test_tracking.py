@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import socket
 import threading
 import time
@@ -83,6 +84,11 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     assert steps == set(range(1, LAST + 1))
     assert {m.step for m in c.get_metric_history(run_id, "lr")} == steps
     assert c.get_metric_history(run_id, "knn_top1"), "no kNN monitor value"
+    # The InfoNCE bound, log(2 N_g - 1) - loss with N_g = 2 workers x 16 images, every step
+    # (a loss is >= 0, so the bound is at most log N; below 0 while worse than chance).
+    bound = c.get_metric_history(run_id, "method/infonce_bound_nats")
+    assert {m.step for m in bound} == steps
+    assert all(math.isfinite(m.value) and m.value <= math.log(2 * 32 - 1) for m in bound)
     # MLflow's own system-metrics monitor, one per node (both workers share this host).
     node = f"system/{socket.gethostname()}/cpu_utilization_percentage"
     assert c.get_metric_history(run_id, node), sorted(run.data.metrics)
@@ -140,11 +146,13 @@ def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path
     _intact(path, 4)
     assert "mlflow" not in metrics
 
-    # 2. The server answers at first, then dies mid-run (SIGKILL, for good).
+    # 2. The server answers at first, then dies mid-run (SIGKILL, for good). A MoCo v3 run: its
+    # InfoNCE bound must have reached the server before the kill.
     server = MlflowServer(tmp_path / "server").start()
     cfg = tiny_cfg(
         "tracking.enabled=true",
         f"tracking.uri={server.uri}",
+        "method.name=moco_v3",
         "run.name=dies",
         "run.max_steps=40",
         "run.epochs=10",
@@ -152,13 +160,16 @@ def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path
         "tracking.flush_timeout_s=5",
     )
     c = tracking.client(server.uri)
+    bounds: list = []
 
     def kill_after_first_metrics() -> None:
         deadline = time.time() + 200
         while time.time() < deadline:
             try:
                 runs = _runs(server.uri, cfg)
-                if runs and c.get_metric_history(runs[0].info.run_id, "loss"):
+                run_id = runs[0].info.run_id if runs else None
+                if run_id and c.get_metric_history(run_id, "loss"):
+                    bounds.extend(c.get_metric_history(run_id, "method/infonce_bound_nats"))
                     server.kill()
                     return
             except Exception:  # noqa: BLE001 (not there yet)
@@ -172,6 +183,8 @@ def test_tracking_down_at_start_and_killed_mid_run(local_ray, tiny_cfg, tmp_path
             path, metrics = pretrain(cfg)
         killer.join(timeout=5)
         assert server.proc is None, "the server was not killed during the run"
+        # Logged with the loss: log(N_g) - L, N_g = 32 keys per query.
+        assert bounds and all(math.isfinite(m.value) and m.value <= math.log(32) for m in bounds)
         _intact(path, 40)
         assert "mlflow" not in metrics
     finally:

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from ssl_dist.dist import collectives
-from ssl_dist.losses import info_nce_loss, nt_xent_loss
+from ssl_dist.losses import info_nce_loss, infonce_bound, nt_xent_loss
 
 pytestmark = pytest.mark.unit
 
@@ -236,3 +236,39 @@ def test_collectives_fall_back_without_process_group() -> None:
     torch.testing.assert_close(mean, x.detach())
     assert mean.data_ptr() != x.data_ptr()
     assert collectives.broadcast_object({"run": 7}) == {"run": 7}
+
+
+def test_infonce_bound_is_zero_at_chance() -> None:
+    # Identical keys: every query's logits are equal, L = log N exactly, and the bound is 0.
+    q = _randn(4, 3, seed=20)
+    k = torch.ones(4, 3, dtype=torch.float64)
+    loss = info_nce_loss(q, k, temperature=0.2, gather=False)
+    assert loss.item() == pytest.approx(math.log(4), rel=1e-12)
+    assert infonce_bound(loss, 4).item() == pytest.approx(0.0, abs=1e-6)
+    # NT-Xent with every view identical: 2N - 1 equal candidates per anchor (itself excluded).
+    z = torch.ones(3, 5, dtype=torch.float64)
+    loss = nt_xent_loss(z, z, temperature=0.5, gather=False)
+    assert loss.item() == pytest.approx(math.log(2 * 3 - 1), rel=1e-12)
+    assert infonce_bound(loss, 2 * 3 - 1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_infonce_bound_hand_computed_two_by_two() -> None:
+    # q = k = I (2 x 2), T = 1: logits [[1, 0], [0, 1]], each query's positive scores 1 against
+    # one negative at 0, so L = log(1 + e^-1) and the bound is log 2 - L = log(2e / (e + 1)).
+    eye = torch.eye(2, dtype=torch.float64)
+    loss = info_nce_loss(eye, eye, temperature=1.0, gather=False)
+    assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), rel=1e-12)
+    bound = infonce_bound(loss, 2)
+    assert bound.item() == pytest.approx(math.log(2 * math.e / (math.e + 1)), rel=1e-6)
+    assert bound.item() == pytest.approx(0.37988549, rel=1e-6)
+    assert bound.dtype == torch.float32 and not bound.requires_grad
+    # The bound never exceeds log N: a perfect positive at a tiny temperature reaches it.
+    sharp = info_nce_loss(eye, eye, temperature=0.01, gather=False)
+    assert infonce_bound(sharp, 2).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_infonce_bound_detaches_and_refuses_no_candidates() -> None:
+    loss = torch.tensor(0.5, requires_grad=True)
+    assert not infonce_bound(loss, 3).requires_grad
+    with pytest.raises(ValueError, match="candidates"):
+        infonce_bound(loss, 0)

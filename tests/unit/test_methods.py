@@ -63,7 +63,7 @@ def test_forward_gives_finite_loss_and_detached_metrics(name: str) -> None:
     method = _method(name)
     loss, metrics = method(*_views())
     assert loss.ndim == 0 and torch.isfinite(loss) and loss.requires_grad
-    expected = METRICS | ({"queue_fill"} if name == "moco_v2" else set())
+    expected = METRICS | {"infonce_bound_nats"} | ({"queue_fill"} if name == "moco_v2" else set())
     assert set(metrics) == expected
     for key, value in metrics.items():
         assert value.ndim == 0 and torch.isfinite(value), key
@@ -87,18 +87,24 @@ def test_simclr_loss_and_metrics_match_hand_computation() -> None:
     torch.testing.assert_close(metrics["pos_sim"], cos.detach())
     a, b = F.normalize(h[:BATCH], dim=1), F.normalize(h[BATCH:], dim=1)
     torch.testing.assert_close(metrics["alignment"], (2 - 2 * (a * b).sum(1)).mean().detach())
+    # Each anchor's softmax runs over the other 2N - 1 views of the batch.
+    bound = math.log(2 * BATCH - 1) - expected.detach()
+    torch.testing.assert_close(metrics["infonce_bound_nats"], bound)
 
 
 def test_moco_v3_loss_is_symmetric_and_scaled_by_two_t() -> None:
     method = _method("moco_v3", temperature=0.5)
     assert isinstance(method, MoCoV3)
     x1, x2 = _views()
-    loss, _ = method(x1, x2)
+    loss, metrics = method(x1, x2)
     q1 = method.predictor(method.projector(method.encoder(x1)))
     q2 = method.predictor(method.projector(method.encoder(x2)))
     k1, k2 = method.keys(x1), method.keys(x2)
-    expected = 2 * 0.5 * (info_nce_loss(q1, k2, 0.5) + info_nce_loss(q2, k1, 0.5))
-    torch.testing.assert_close(loss, expected)
+    both = info_nce_loss(q1, k2, 0.5) + info_nce_loss(q2, k1, 0.5)
+    torch.testing.assert_close(loss, 2 * 0.5 * both)
+    # N keys per query; the bound uses the mean InfoNCE term, before the 2 T factor.
+    bound = math.log(BATCH) - both.detach() / 2
+    torch.testing.assert_close(metrics["infonce_bound_nats"], bound)
 
 
 def test_moco_v2_loss_is_the_mean_of_both_directions_against_the_old_queue() -> None:
@@ -106,11 +112,14 @@ def test_moco_v2_loss_is_the_mean_of_both_directions_against_the_old_queue() -> 
     assert isinstance(method, MoCoV2)
     queue = method.queue.clone()
     x1, x2 = _views()
-    loss, _ = method(x1, x2)
+    loss, metrics = method(x1, x2)
     q1, q2 = method.projector(method.encoder(x1)), method.projector(method.encoder(x2))
     k1, k2 = method.keys(x1), method.keys(x2)
     expected = 0.5 * (info_nce_loss(q1, k2, 0.4, queue=queue) + info_nce_loss(q2, k1, 0.4, queue))
     torch.testing.assert_close(loss, expected)
+    # Each query's softmax runs over its key and the K queued ones.
+    bound = math.log(1 + 4 * BATCH) - expected.detach()
+    torch.testing.assert_close(metrics["infonce_bound_nats"], bound)
 
 
 @pytest.mark.parametrize("name", NAMES)
