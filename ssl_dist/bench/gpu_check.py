@@ -196,11 +196,14 @@ def run_case(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict
     engine = zero.build_engine(method, cfg.zero, cfg.optim, cfg.data.batch_size, 1, cfg.optim.lr)
     clock = PhaseClock(device=device)
     timer = Timer(warmup, clock, device)
+    crops = getattr(inputs, "crop_scale", None)  # as the worker: crops cut in the loader
     try:
         run_steps(
             DeepSpeedBackend(engine, clock),
             inputs,
-            lambda epoch: stream(cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards),
+            lambda epoch: stream(
+                cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards, crop_scale=crops
+            ),
             Schedule(warmup + steps, cfg.optim.lr),
             Position(),
             [timer],

@@ -221,12 +221,16 @@ def _phase_worker(rank: int, world: int, job: dict[str, Any]) -> list[list[float
         clock, collectives.all_gather_with_grad
     )
     rows = _PhaseRows(clock)
+    inputs = method.make_inputs(cfg, shards.manifest, "cpu")
+    crops = getattr(inputs, "crop_scale", None)  # as the worker: crops cut in the loader
     run_steps(
         TorchBackend(
             method, opt, allreduce=_mean_allreduce, clock=clock, precision=cfg.zero.precision
         ),
-        method.make_inputs(cfg, shards.manifest, "cpu"),
-        lambda epoch: stream(cfg.data, rank, world, epoch, cfg.run.seed, shards=shards),
+        inputs,
+        lambda epoch: stream(
+            cfg.data, rank, world, epoch, cfg.run.seed, shards=shards, crop_scale=crops
+        ),
         Schedule(WARMUP + job["steps"], plan.peak_lr, cfg.optim.warmup_steps),
         Position(),
         [rows],

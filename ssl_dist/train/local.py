@@ -50,11 +50,12 @@ def run_local(
     if knn and views is not None:
         result.knn_init = knn_accuracy(method.encoder, cfg.data, views, num_classes)
     recorder = Recorder(on_step)
+    crops = getattr(inputs, "crop_scale", None)  # two-view tasks: crops cut in the loader
     start = time.perf_counter()
     state = run_steps(
         TorchBackend(method, optimizer, cfg.optim.grad_accum, precision=cfg.zero.precision),
         inputs,
-        lambda epoch: stream(cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards),
+        lambda epoch: stream(cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards, crop_scale=crops),
         plan.schedule(cfg),
         Position(),
         [recorder],

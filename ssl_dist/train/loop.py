@@ -111,8 +111,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     schedule, speed = plan.schedule(cfg), Speed(state.step)
     report = DataReport(shards, tracker, device)
 
+    crops = getattr(inputs, "crop_scale", None)  # two-view tasks: crops cut in the loader
+
     def batches(epoch: int):
-        report.current = stream(cfg.data, rank, world_size, epoch, cfg.run.seed, shards=shards)
+        report.current = stream(
+            cfg.data, rank, world_size, epoch, cfg.run.seed, shards=shards, crop_scale=crops
+        )
         return report.current
 
     run_steps(
