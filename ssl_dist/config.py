@@ -153,7 +153,7 @@ class ModelConfig(_Strict):
 
 
 class MethodConfig(_Strict):
-    name: Literal["simclr", "moco_v2", "moco_v3", "rotation"] = "simclr"
+    name: Literal["simclr", "moco_v2", "moco_v3", "byol", "rotation"] = "simclr"
     """Which self-supervised method to train."""
     temperature: float = Field(0.2, gt=0, le=10)
     """Softmax temperature of the contrastive loss."""

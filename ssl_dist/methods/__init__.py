@@ -1,4 +1,4 @@
-"""Self-supervised methods behind one task seam: SimCLR, MoCo v2, MoCo v3 (two views) and
+"""Self-supervised methods behind one task seam: SimCLR, MoCo v2, MoCo v3, BYOL (two views) and
 rotation prediction (four rotations of one view).
 
 ``build_method(cfg.method, cfg.model, in_chans, image_size)`` returns an :class:`SSLMethod`
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.methods.base import SSLMethod, alignment, pair_metrics, uniformity
+from ssl_dist.methods.byol import BYOL
 from ssl_dist.methods.moco import MoCoV2, MoCoV3
 from ssl_dist.methods.rotation import Rotation
 from ssl_dist.methods.simclr import SimCLR
 from ssl_dist.models import maybe_sync_bn
 
-METHODS: dict[str, type[SSLMethod]] = {cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3, Rotation)}
+METHODS: dict[str, type[SSLMethod]] = {
+    cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3, BYOL, Rotation)
+}
 """Method classes keyed by ``MethodConfig.name``."""
 
 
@@ -48,6 +51,7 @@ def build_method(
 
 
 __all__ = [
+    "BYOL",
     "METHODS",
     "MoCoV2",
     "MoCoV3",

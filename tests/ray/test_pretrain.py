@@ -35,6 +35,7 @@ def _final(result: tuple) -> Path:
         ("moco_v3", 3),
         ("moco_v2", 0),
         ("moco_v2", 3),
+        ("byol", 2),
         ("rotation", 2),
     ],
 )

@@ -18,7 +18,7 @@ def digits_shards(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("method", ["simclr", "moco_v2", "moco_v3"])
+@pytest.mark.parametrize("method", ["simclr", "moco_v2", "moco_v3", "byol"])
 def test_method_learns(digits_shards, method):
     cfg = load_config(
         "launch/recipes/digits-demo.yaml",

@@ -12,6 +12,7 @@ from torch import Tensor
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.losses import info_nce_loss, nt_xent_loss
 from ssl_dist.methods import (
+    BYOL,
     METHODS,
     MoCoV2,
     MoCoV3,
@@ -50,10 +51,11 @@ def _momentum_params(method: SSLMethod) -> list[torch.nn.Parameter]:
 
 
 def test_registry_has_every_method() -> None:
-    assert set(METHODS) == {"simclr", "moco_v2", "moco_v3", "rotation"}
+    assert set(METHODS) == {"simclr", "moco_v2", "moco_v3", "byol", "rotation"}
     assert METHODS["simclr"] is SimCLR and METHODS["moco_v2"] is MoCoV2
     assert METHODS["moco_v3"] is MoCoV3 and METHODS["rotation"] is Rotation
-    for name in NAMES:
+    assert METHODS["byol"] is BYOL
+    for name in [*NAMES, "byol"]:
         method = _method(name)
         assert type(method) is METHODS[name] and method.name == name
 
@@ -122,7 +124,7 @@ def test_moco_v2_loss_is_the_mean_of_both_directions_against_the_old_queue() -> 
     torch.testing.assert_close(metrics["infonce_bound_nats"], bound)
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [*NAMES, "byol"])
 def test_backward_reaches_online_params_only(name: str) -> None:
     method = _method(name)
     loss, _ = method(*_views())
@@ -157,6 +159,9 @@ def _fill(method: SSLMethod, online: float, target: float) -> None:
         ("moco_v3", 5, 10, 0.95),
         ("moco_v3", 10, 10, 1.0),
         ("moco_v2", 5, 10, 0.9),  # fixed momentum
+        ("byol", 0, 10, 0.9),  # BYOL: the same cosine schedule
+        ("byol", 5, 10, 0.95),
+        ("byol", 10, 10, 1.0),
     ],
 )
 def test_momentum_update_moves_key_encoder_by_the_right_amount(
@@ -168,7 +173,7 @@ def test_momentum_update_moves_key_encoder_by_the_right_amount(
     assert m == pytest.approx(expected_m)
     # t <- m * t + (1 - m) * o = m * 1 + (1 - m) * 3
     pairs = method.momentum_pairs()
-    assert len(pairs) == 2  # encoder and projector (MoCo v3's predictor has no momentum copy)
+    assert len(pairs) == 2  # encoder and projector (the predictors have no momentum copy)
     for target, online in pairs:
         for p in target.parameters():
             torch.testing.assert_close(p, torch.full_like(p, 3.0 - 2.0 * expected_m))
