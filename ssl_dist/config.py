@@ -50,7 +50,9 @@ class DataConfig(_Strict):
     batch_size: int = Field(64, ge=1)
     """Images per rank per step; the global batch is batch_size x world size x grad_accum."""
     image_size: int = Field(32, ge=8, le=1024)
-    """Side of the square images fed to the encoder; shards are resized to it on decode."""
+    """Side of the square images fed to the encoder: the evaluation view is the short side
+    resized to it and centre-cropped (aspect kept); training crops are cut from the
+    full-resolution image and resized to it."""
     channels: Literal[1, 3] = 3
     """Channels fed to the encoder: grey images are repeated to 3, colour images averaged to 1."""
     mode: Literal["exact", "resampled"] = "exact"
