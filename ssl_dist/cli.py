@@ -344,12 +344,24 @@ def bench_loader(
         "bench-results/loader.json"
     ),
     work: Annotated[Path, typer.Option(help="Scratch directory.")] = Path("work/bench-loader"),
-    source: Annotated[str, typer.Option(help="digits | fashion-mnist")] = "digits",
+    source: Annotated[
+        str,
+        typer.Option(
+            help="digits | fashion-mnist | folder (bench prepare's JPEG folder and its shards)."
+        ),
+    ] = "digits",
     image_size: Annotated[int, typer.Option(help="Decode size.")] = 32,
     batch_size: Annotated[int, typer.Option(help="Batch size.")] = 256,
     seconds: Annotated[float, typer.Option(help="Minimum seconds per measurement.")] = 3.0,
+    images: Annotated[
+        int, typer.Option(help="folder: files in the generated folder (0: bench prepare's 20000).")
+    ] = 0,
+    folder_work: Annotated[
+        Path, typer.Option(help="folder: bench prepare's --work (folder and shards, cached).")
+    ] = Path("work/bench-prepare"),
 ) -> None:
-    """Stream vs per-file PNG Dataset vs raw tar read rate; kornia vs torchvision views."""
+    """Stream vs per-file Dataset (PNG files, or for folder ImageFolder + RandomResizedCrop)
+    vs raw tar read rate; kornia vs torchvision views."""
     from ssl_dist.bench.loader import run  # heavy: loads torch
 
     run(
@@ -359,7 +371,29 @@ def bench_loader(
         image_size=image_size,
         batch_size=batch_size,
         seconds=seconds,
+        images=images,
+        folder_work=folder_work,
     )
+
+
+@bench_app.command("prepare")
+def bench_prepare(
+    images: Annotated[int, typer.Option(help="Files in the generated folder (10% val).")] = 20000,
+    work: Annotated[
+        Path, typer.Option(help="Scratch dir: the generated folder (cached) and its shards.")
+    ] = Path("work/bench-prepare"),
+    out: Annotated[Path, typer.Option(help="JSON results file.")] = Path(
+        "bench-results/prepare.json"
+    ),
+    png_images: Annotated[
+        int, typer.Option(help="Files the decode + PNG re-encode writer is timed on.")
+    ] = 2000,
+) -> None:
+    """data prepare's images/s at 1 and all cores vs the raw tar limit and a decode + PNG
+    writer, on a generated JPEG folder; bytes written vs the input's."""
+    from ssl_dist.bench.prepare import run  # heavy: loads torch
+
+    run(out=out, work=work, images=images, png_images=png_images)
 
 
 @bench_app.command("loss")

@@ -3,8 +3,17 @@
 One run measures, on the same images:
 * the raw tar read rate (bytes/s and samples/s, no decode): the ceiling;
 * the shard stream (`ssl_dist.data.stream`) with 1 and 2 loader workers;
-* a plain map-style Dataset of individual PNG files through a DataLoader, 1 and 2 workers;
+* a plain map-style Dataset of individual files through a DataLoader, 1 and 2 workers;
 * two-view augmentation: kornia on whole batches vs torchvision v2 one image at a time.
+
+Sources: ``digits`` / ``fashion-mnist`` (small square images; the stream decodes the evaluation
+view, the baseline one PNG file per sample), or ``folder``: the generated JPEG folder of
+``bench prepare`` (images of 48-640 px, any aspect) and its shards. There the stream cuts the two
+training views' random-resized crops in the loader (``crop_scale``, each image decoded once,
+reduced-size JPEG decode for large crops), and the baseline is torchvision's ``ImageFolder``
+with two ``RandomResizedCrop`` per image on the same files (the corrupt ones left out), at the
+same crop scale, output size and worker count. Rates count images (each with two views) and
+are also given per loader worker: each worker is one core.
 """
 
 from __future__ import annotations
@@ -18,10 +27,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ssl_dist.bench import prepare as bench_prepare
 from ssl_dist.bench.report import table, timed, write
-from ssl_dist.config import DataConfig, ViewsConfig
+from ssl_dist.config import ConfigError, DataConfig, ViewsConfig
+from ssl_dist.data.folder import IMAGE_SUFFIXES
 from ssl_dist.data.reader import decode_image
-from ssl_dist.data.shards import read_manifest, write_shards
+from ssl_dist.data.shards import IMAGE_EXTS, read_manifest, write_shards
 from ssl_dist.data.sources import load_source
 from ssl_dist.data.stream import stream
 from ssl_dist.data.views import TwoViews, per_sample_torchvision_views
@@ -67,7 +78,7 @@ def _tar_rate(shards: Path, seconds: float) -> dict:
                 for m in tar:
                     f = tar.extractfile(m)
                     nbytes += len(f.read()) if f else 0
-                    n += m.name.endswith(".png")
+                    n += m.name.rsplit(".", 1)[-1] in IMAGE_EXTS
         return n
 
     secs, n = timed(once, seconds)
@@ -89,17 +100,84 @@ def _loader_rate(name: str, workers: int, make_iter, seconds: float) -> dict:
     while time.perf_counter() - t0 < seconds:
         for batch in it:
             n += len(batch[1])
-        it = make_iter()
+            if time.perf_counter() - t0 >= seconds:
+                break
+        else:
+            it = make_iter()
     secs = time.perf_counter() - t0
+    del it  # stops the loader workers before the next measurement starts its own
     return {"reader": name, "workers": workers, "images_s": n / secs, "startup_s": startup}
 
 
-def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, seconds: float):
+class TwoCrops:
+    """The baseline's transform: two torchvision random-resized crops of one PIL image,
+    uint8 ``[2, C, size, size]`` (the stream's ``Batch.crops`` per image)."""
+
+    def __init__(self, size: int, scale: tuple[float, float]) -> None:
+        from torchvision.transforms import v2
+
+        self.crop = v2.RandomResizedCrop(size, scale=scale, antialias=True)
+        self.to_tensor = v2.PILToTensor()
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return torch.stack([self.to_tensor(self.crop(image)) for _ in range(2)])
+
+
+class NotSkipped:
+    """`ImageFolder`'s file filter: image suffixes, less the files `data prepare` skipped."""
+
+    def __init__(self, root: Path, skipped: set[str]) -> None:
+        self.root, self.skipped = root, skipped
+
+    def __call__(self, path: str) -> bool:
+        rel = Path(path).relative_to(self.root).as_posix()
+        return Path(path).suffix.lower() in IMAGE_SUFFIXES and rel not in self.skipped
+
+
+def _baseline(source: str, work: Path, folder_work: Path, images: int, image_size: int, scale):
+    """``(shards, baseline Dataset, its name, the stream's crop_scale)``."""
+    if source != "folder":
+        if images:
+            raise ConfigError("--images applies to --source folder only")
+        shards, files = _prepare(work, source)
+        ds = PngFiles(files, image_size, read_manifest(shards).channels)
+        return shards, ds, "map-style Dataset (PNG files)", None
+    from torchvision.datasets import ImageFolder
+
+    root, shards = bench_prepare.shards(folder_work, images or bench_prepare.DEFAULT_IMAGES)
+    skipped = {s.path for s in read_manifest(shards).skipped}
+    ds = ImageFolder(
+        str(root / "train"),
+        transform=TwoCrops(image_size, scale),
+        is_valid_file=NotSkipped(root, skipped),
+    )
+    return shards, ds, "map-style ImageFolder + 2x RandomResizedCrop", scale
+
+
+def run(
+    out: Path,
+    work: Path,
+    source: str,
+    image_size: int,
+    batch_size: int,
+    seconds: float,
+    images: int = 0,
+    folder_work: Path = Path("work/bench-prepare"),
+    workers_list: tuple[int, ...] = (1, 2),
+):
+    if source not in ("digits", "fashion-mnist", "folder"):
+        raise ConfigError(f"unknown --source {source!r}: choose digits, fashion-mnist or folder")
+    if image_size < 8 or batch_size < 1 or seconds <= 0 or min(workers_list) < 1:
+        raise ConfigError("need --image-size >= 8, --batch-size >= 1, --seconds > 0, workers >= 1")
     torch.set_num_threads(1)
-    shards, files = _prepare(work, source)
+    scale = ViewsConfig().crop_scale
+    shards, ds, base_name, crop_scale = _baseline(
+        source, work, folder_work, images, image_size, scale
+    )
     manifest = read_manifest(shards)
     rows = [_tar_rate(shards, seconds)]
-    for workers in (1, 2):
+    stream_name = "ssl-dist stream (shards" + (", 2 loader crops)" if crop_scale else ")")
+    for workers in workers_list:
         cfg = DataConfig(
             manifest=str(shards / "manifest.json"),
             batch_size=batch_size,
@@ -109,18 +187,18 @@ def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, se
         epoch = iter(range(1 << 30))
         rows.append(
             _loader_rate(
-                "ssl-dist stream (shards)",
+                stream_name,
                 workers,
                 lambda cfg=cfg, epoch=epoch: (
-                    (b.images, b.labels) for b in stream(cfg, 0, 1, next(epoch))
+                    (b.images if b.crops is None else b.crops, b.labels)
+                    for b in stream(cfg, 0, 1, next(epoch), crop_scale=crop_scale)
                 ),
                 seconds,
             )
         )
-        ds = PngFiles(files, image_size, manifest.channels)
         rows.append(
             _loader_rate(
-                "map-style Dataset (PNG files)",
+                base_name,
                 workers,
                 lambda ds=ds, w=workers: iter(
                     DataLoader(
@@ -140,21 +218,27 @@ def run(out: Path, work: Path, source: str, image_size: int, batch_size: int, se
         if r["reader"].startswith("ssl-dist"):
             r["vs_map_style"] = r["images_s"] / base[r["workers"]]
         r["vs_raw_tar"] = r["images_s"] / rows[0]["images_s"]
+        if r["workers"]:
+            r["per_worker"] = r["images_s"] / r["workers"]
     aug = _views_rates(manifest, image_size, batch_size, seconds)
-    print(f"loader bench: {source}, {image_size}px, batch {batch_size}")
-    print(
-        table(
-            rows,
-            ["reader", "workers", "images_s", "vs_map_style", "vs_raw_tar", "startup_s", "MB_s"],
-        )
-    )
+    views = f", two views per image (crop scale {crop_scale})" if crop_scale else ""
+    print(f"loader bench: {source}, {image_size}px, batch {batch_size}{views}")
+    columns = ["reader", "workers", "images_s", "per_worker", "vs_map_style", "vs_raw_tar"]
+    print(table(rows, [*columns, "startup_s", "MB_s"]))
     print()
     print(table(aug, ["augmentation", "images_s", "speedup"]))
     write(
         out,
         "loader",
         rows,
-        {"augmentation": aug, "source": source, "image_size": image_size, "batch_size": batch_size},
+        {
+            "augmentation": aug,
+            "source": source,
+            "image_size": image_size,
+            "batch_size": batch_size,
+            "crop_scale": crop_scale,
+            "shards": str(shards),
+        },
     )
     print(f"\nwrote {out}")
 
