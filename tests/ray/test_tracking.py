@@ -74,6 +74,8 @@ def test_stopped_killed_resumed_run_is_one_mlflow_run(local_ray, tiny_cfg, mlflo
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["method.name"] == "simclr"
+    # The precision the workers resolved (the tiny recipe pins fp32), logged by rank 0.
+    assert run.data.params["zero.precision_used"] == "fp32"
     # The manifest is named by its file's bytes, on the run and on the registered version.
     digest = hashlib.sha256(Path(cfg.data.manifest).read_bytes()).hexdigest()
     assert run.data.tags["ssl_dist.data_manifest_sha256"] == digest
