@@ -19,7 +19,9 @@ from ssl_dist.artifact import ENCODER, read_weights
 from ssl_dist.train.checkpoint import STATE
 from ssl_dist.train.driver import pretrain
 
-pytestmark = [pytest.mark.ray, pytest.mark.slow]
+# Emulated bf16 (CPUs without AVX-512 BF16 / AMX) makes a MoCo run take minutes on 2 cores; a
+# test here is up to two runs.
+pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(900)]
 
 STEPS = 3
 LOSS_RTOL = 0.05
