@@ -179,7 +179,7 @@ def data_stream(
         f"streamed {st.batches} batches / {st.samples} images in {st.seconds:.2f}s: "
         f"{st.samples / max(st.seconds, 1e-9):.0f} images/s, {st.skipped} skipped, "
         f"{st.lost} lost, {st.repeats} top-up repeats, "
-        f"batch shape {tuple(batch.images.shape) if st.batches else None}"
+        f"batch shape {tuple(batch.eval_images().shape) if st.batches else None}"
     )
     for line in st.report():
         typer.echo(f"damaged {line}")

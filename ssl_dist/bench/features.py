@@ -48,7 +48,7 @@ def load_split(data: DataConfig, split: str) -> Labelled:
     xs, ys = [], []
     cfg = data.model_copy(update={"batch_size": 1000})
     for batch in stream(cfg, 0, 1, 0, split=split, partial=True):
-        xs.append(batch.images)
+        xs.append(batch.eval_images())
         ys.append(batch.labels)
     if not ys:
         raise ConfigError(f"split {split!r} of {data.manifest} is empty")

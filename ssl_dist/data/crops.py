@@ -103,17 +103,21 @@ def decode_boxes(
     return out, round(width / reduced)
 
 
-def decode_views(
+def decode_views(payload: bytes, size: int, channels: int) -> torch.Tensor:
+    """The evaluation view of an encoded image: uint8 ``[C, size, size]``."""
+    with open_image(payload) as raw:
+        return decode_boxes(raw, [centre_box(*raw.size)], size, channels)[0][0]
+
+
+def decode_crops(
     payload: bytes,
     size: int,
     channels: int,
-    rng: np.random.Generator | None = None,
-    scale: tuple[float, float] | None = None,
-) -> list[torch.Tensor]:
-    """The evaluation view of an encoded image and, with `rng` and `scale`, the two training
-    crops after it: uint8 ``[C, size, size]`` each, from one decode."""
+    rng: np.random.Generator,
+    scale: tuple[float, float],
+) -> torch.Tensor:
+    """The two training views' random-resized crops of an encoded image, from one decode:
+    uint8 ``[2, C, size, size]``."""
     with open_image(payload) as raw:
-        boxes = [centre_box(*raw.size)]
-        if rng is not None and scale is not None:
-            boxes += [random_resized_box(rng, *raw.size, scale) for _ in range(2)]
-        return decode_boxes(raw, boxes, size, channels)[0]
+        boxes = [random_resized_box(rng, *raw.size, scale) for _ in range(2)]
+        return torch.stack(decode_boxes(raw, boxes, size, channels)[0])

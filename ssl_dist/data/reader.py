@@ -17,7 +17,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_dist.config import ConfigError
-from ssl_dist.data.crops import decode_views, sample_rng
+from ssl_dist.data.crops import decode_crops, decode_views, sample_rng
 from ssl_dist.data.shards import (
     IMAGE_EXTS,
     is_unsafe,
@@ -44,18 +44,19 @@ def _message(exn: BaseException) -> str:
 def decode_image(payload: bytes, size: int, channels: int) -> torch.Tensor:
     """PNG/JPEG/WebP bytes -> uint8 [C, size, size]: the evaluation view (short side resized to
     `size`, centre crop; see :mod:`ssl_dist.data.crops`)."""
-    return decode_views(payload, size, channels)[0]
+    return decode_views(payload, size, channels)
 
 
 class ShardReader(IterableDataset):
     """Per-rank reader; each DataLoader worker takes its share of this rank's shards.
 
-    Yields chunks ``(images uint8 [k,C,H,W], labels int64 [k], events, crops)`` of up to
-    `chunk` samples, `events` saying which samples did not decode and how many samples each
-    finished shard held; the main process re-batches them into exact batches and keeps the
-    counts. `images` are the evaluation views; with `crop_scale`, `crops` (uint8
-    ``[k, 2, C, H, W]``, else None) are the two training views' random-resized crops, cut from
-    the same decode of the full-resolution image with a generator of (seed, epoch, key).
+    Yields chunks ``(views, labels int64 [k], events)`` of up to `chunk` samples, `events`
+    saying which samples did not decode and how many samples each finished shard held; the main
+    process re-batches them into exact batches and keeps the counts. `views` are the evaluation
+    views (uint8 ``[k, C, H, W]``); with `crop_scale` instead the two training views'
+    random-resized crops (uint8 ``[k, 2, C, H, W]``), cut from one decode of the
+    full-resolution image with a generator of (seed, epoch, key): a training step does not use
+    the evaluation view, so it is not decoded.
     """
 
     def __init__(
@@ -127,7 +128,7 @@ class ShardReader(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, sample: dict) -> tuple[list[torch.Tensor], int]:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
         bad = [k for k in sample if is_unsafe(k)]
         if bad and not self.allow_unsafe:
             raise UnsafeDataError(
@@ -138,33 +139,25 @@ class ShardReader(IterableDataset):
         if ext is None or "cls" not in sample:
             raise ValueError(f"sample {sample['__key__']} has no image or no cls")
         label = int(sample["cls"])
-        rng = None
-        if self.crop_scale is not None:
-            shard = sample["__url__"].rsplit("/", 1)[-1]  # the same from a mirror
-            rng = sample_rng(self.seed, self.epoch, f"{shard}/{sample['__key__']}")
-        views = decode_views(sample[ext], self.image_size, self.channels, rng, self.crop_scale)
-        return views, label
+        if self.crop_scale is None:
+            return decode_views(sample[ext], self.image_size, self.channels), label
+        shard = sample["__url__"].rsplit("/", 1)[-1]  # the same from a mirror
+        rng = sample_rng(self.seed, self.epoch, f"{shard}/{sample['__key__']}")
+        crops = decode_crops(sample[ext], self.image_size, self.channels, rng, self.crop_scale)
+        return crops, label
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Events since the last chunk: ("skip", url, key, why) and ("end", url, found, error).
         events: list = []
-        views: list[list[torch.Tensor]] = []
+        views: list[torch.Tensor] = []
         labels: list[int] = []
 
         def chunk() -> tuple:
             sent, events[:] = list(events), []
-            if not views:
-                return (
-                    torch.empty(0, dtype=torch.uint8),
-                    torch.empty(0, dtype=torch.int64),
-                    sent,
-                    None,
-                )
-            images = torch.stack([v[0] for v in views])
-            crops = torch.stack([torch.stack(v[1:]) for v in views]) if len(views[0]) > 1 else None
-            return images, torch.tensor(labels, dtype=torch.int64), sent, crops
+            stacked = torch.stack(views) if views else torch.empty(0, dtype=torch.uint8)
+            return stacked, torch.tensor(labels, dtype=torch.int64), sent
 
         for sample in self._samples(worker, num_workers, events):
             try:

@@ -64,13 +64,26 @@ class StreamTimeout(RuntimeError):
 
 @dataclass
 class Batch:
-    images: torch.Tensor
-    """uint8 [B, C, H, W]."""
+    images: torch.Tensor | None
+    """uint8 [B, C, H, W]: the evaluation views (short-side resize + centre crop); None in a
+    training stream that cuts crops (``crop_scale``): it decodes only what the step uses."""
     labels: torch.Tensor
     """int64 [B]."""
     crops: torch.Tensor | None = None
     """uint8 [B, 2, C, H, W]: the two training views' random-resized crops, cut by the loader
     from the full-resolution images (streams with ``crop_scale``), else None."""
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def eval_images(self) -> torch.Tensor:
+        """`images`, which a stream with ``crop_scale`` does not decode."""
+        if self.images is None:
+            raise ValueError(
+                "this batch holds training crops only (a stream with crop_scale); read the "
+                "evaluation views from a stream without it"
+            )
+        return self.images
 
 
 def plan_exact(
@@ -277,7 +290,8 @@ class Stream:
         )
 
     def _chunks(self) -> Iterator[tuple[list[torch.Tensor], bool]]:
-        """Chunks ``([images, labels, crops?], repeated)`` from the loader; in exact mode a short
+        """Chunks ``([labels, views], repeated)`` from the loader (views: the crops with
+        ``crop_scale``, else the evaluation views); in exact mode a short
         pass (after lost or skipped samples) is topped up by another pass over this rank's shards,
         so the batch count never falls short; its samples come with ``repeated=True``."""
         for salt in count():
@@ -293,12 +307,11 @@ class Stream:
                 )
             got = 0
             try:
-                for images, labels, events, crops in self._loader(salt):
+                for views, labels, events in self._loader(salt):
                     self._record(events)
                     got += len(labels)
                     if len(labels):
-                        parts = [images, labels] + ([] if crops is None else [crops])
-                        yield parts, salt > 0
+                        yield [labels, views], salt > 0
             except RuntimeError as e:
                 if "timed out" in str(e).lower():
                     raise StreamTimeout(
@@ -310,20 +323,22 @@ class Stream:
             if got == 0 and salt > 0:
                 return
 
-    @staticmethod
-    def _batch(parts: list[torch.Tensor]) -> Batch:
-        return Batch(parts[0], parts[1], parts[2] if len(parts) > 2 else None)
+    def _batch(self, parts: list[torch.Tensor]) -> Batch:
+        labels, views = parts
+        if self.crop_scale is None:
+            return Batch(views, labels)
+        return Batch(None, labels, views)
 
     def __iter__(self) -> Iterator[Batch]:
         self.check()
         start = time.perf_counter()
         b = self.cfg.batch_size
-        # Per pending chunk: [images, labels, (crops,) repeated]; cut into exact batches.
+        # Per pending chunk: [labels, views, repeated]; cut into exact batches.
         pending: list[list[torch.Tensor]] = []
         have = 0
         for parts, repeated in self._chunks():
-            pending.append([*parts, torch.full((len(parts[1]),), repeated)])
-            have += len(parts[1])
+            pending.append([*parts, torch.full((len(parts[0]),), repeated)])
+            have += len(parts[0])
             while have >= b and self.stats.batches < self.num_batches:
                 joined = [torch.cat(column) for column in zip(*pending, strict=True)]
                 pending, have = [[t[b:] for t in joined]], have - b

@@ -242,7 +242,7 @@ class TwoViewInputs:
         crops = getattr(batch, "crops", None)
         if crops is not None:  # cut by the loader from the full-resolution images
             return self.views.from_crops(crops.to(self.device, non_blocking=True), seed=seed)
-        return self.views(batch.images.to(self.device, non_blocking=True), seed=seed)
+        return self.views(batch.eval_images().to(self.device, non_blocking=True), seed=seed)
 
 
 def per_sample_torchvision_views(

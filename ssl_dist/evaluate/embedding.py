@@ -24,7 +24,7 @@ def encoder_sample(cfg: Config, artifact_dir: Path, max_samples: int = 2000) -> 
     split = cfg.data.val_split
     features, labels = extract_features(encoder, cfg.data, split, views, max_samples=max_samples)
     first = next(iter(stream(cfg.data, 0, 1, 0, split=split, partial=True)))
-    example = views.plain(first.images[:2])
+    example = views.plain(first.eval_images()[:2])
     with torch.no_grad():
         out = encoder(example)
     classes = list(shards.manifest.classes)

@@ -67,7 +67,7 @@ def extract_features(
     feats, labels = [], []
     try:
         for batch in stream(data, 0, 1, 0, split=split, partial=True, shards=shards, keep=keep):
-            x = views.plain(batch.images.to(device))
+            x = views.plain(batch.eval_images().to(device))
             feats.append(encoder(x).float().cpu())
             labels.append(batch.labels)
     finally:

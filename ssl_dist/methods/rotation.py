@@ -39,7 +39,7 @@ class RotationInputs:
         self.views = views.to(self.device)
 
     def __call__(self, batch, seed: int) -> tuple[Tensor, Tensor]:
-        x = self.views.single(batch.images.to(self.device, non_blocking=True), seed=seed)
+        x = self.views.single(batch.eval_images().to(self.device, non_blocking=True), seed=seed)
         rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(ROTATIONS)])
         y = torch.arange(ROTATIONS, device=self.device).repeat_interleave(x.shape[0])
         return rotated, y

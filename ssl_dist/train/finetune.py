@@ -147,7 +147,7 @@ def evaluate(
     logits, labels = [], []
     try:
         for batch in stream(data, 0, 1, 0, split=data.val_split, partial=True):
-            logits.append(model.logits(views.plain(batch.images.to(device))).float().cpu())
+            logits.append(model.logits(views.plain(batch.eval_images().to(device))).float().cpu())
             labels.append(batch.labels)
     finally:
         model.train(was_training)

@@ -12,6 +12,7 @@ from ssl_dist.config import DataConfig, ViewsConfig
 from ssl_dist.data.crops import (
     centre_box,
     decode_boxes,
+    decode_crops,
     decode_views,
     open_image,
     random_resized_box,
@@ -70,10 +71,10 @@ def test_crops_land_where_the_sampled_boxes_say():
     for key in ("a", "b", "c", "d", "e", "f"):
         rng = sample_rng(3, 1, key)
         boxes = [random_resized_box(rng, W, H, SCALE) for _ in range(2)]
-        views = decode_views(payload, S, 3, sample_rng(3, 1, key), SCALE)
-        assert len(views) == 3
-        _check_lands(views[0], centre_box(W, H))
-        for view, (left, top, right, bottom) in zip(views[1:], boxes, strict=True):
+        views = decode_crops(payload, S, 3, sample_rng(3, 1, key), SCALE)
+        assert views.shape == (2, 3, S, S)
+        _check_lands(decode_views(payload, S, 3), centre_box(W, H))
+        for view, (left, top, right, bottom) in zip(views, boxes, strict=True):
             assert 0 <= left < right <= W and 0 <= top < bottom <= H
             area = (right - left) * (bottom - top) / (W * H)
             assert SCALE[0] - 1e-9 <= area <= SCALE[1] + 1e-9
@@ -151,8 +152,8 @@ def test_stream_crops_follow_seed_epoch_and_key(tmp_path):
     for label in (0, 13):
         shard = f"train-{label // 8:06d}.tar"
         rng = sample_rng(7, 2, f"{shard}/k{label:03d}")
-        want = decode_views(_png(images[label]), S, 3, rng, SCALE)
-        assert torch.equal(first[label], torch.stack(want[1:])), "not the key's seeded crops"
+        want = decode_crops(_png(images[label]), S, 3, rng, SCALE)
+        assert torch.equal(first[label], want), "not the key's seeded crops"
     # Another read order (no shuffle) cuts the same crops; another epoch other ones.
     again = _by_label(cfg.model_copy(update={"shuffle_buffer": 0}), epoch=2)
     assert all(torch.equal(first[k], again[k]) for k in first)
@@ -172,8 +173,16 @@ def test_tiny_images_give_sensible_crops(tmp_path):
     cfg = DataConfig(manifest=str(out / "manifest.json"), batch_size=4, image_size=8)
     batch = next(iter(stream(cfg, 0, 1, 0, seed=1, crop_scale=(0.2, 1.0))))
     assert batch.crops is not None and batch.crops.shape == (4, 2, 3, 8, 8)
-    assert torch.equal(batch.images, torch.from_numpy(images[batch.labels]).permute(0, 3, 1, 2))
     assert not torch.equal(batch.crops[:, 0], batch.crops[:, 1]), "the two views are one crop"
+    # A training stream decodes only the crops; the evaluation stream gives the images as stored.
+    assert batch.images is None
+    with pytest.raises(ValueError, match="training crops only"):
+        batch.eval_images()
+    plain = next(iter(stream(cfg, 0, 1, 0, seed=1)))
+    assert plain.crops is None
+    assert torch.equal(
+        plain.eval_images(), torch.from_numpy(images[plain.labels]).permute(0, 3, 1, 2)
+    )
 
 
 @pytest.mark.slow
