@@ -388,12 +388,15 @@ def bench_prepare(
     png_images: Annotated[
         int, typer.Option(help="Files the decode + PNG re-encode writer is timed on.")
     ] = 2000,
+    repeats: Annotated[
+        int, typer.Option(help="Runs of each writer; the fastest is reported, with the spread.")
+    ] = 3,
 ) -> None:
     """data prepare's images/s at 1 and all cores vs the raw tar limit and a decode + PNG
     writer, on a generated JPEG folder; bytes written vs the input's."""
     from ssl_dist.bench.prepare import run  # heavy: loads torch
 
-    run(out=out, work=work, images=images, png_images=png_images)
+    run(out=out, work=work, images=images, png_images=png_images, repeats=repeats)
 
 
 @bench_app.command("loss")

@@ -12,7 +12,9 @@ digits), written once and cached in the work directory. One run measures, on the
   fixed subset of the files to keep the run short;
 
 and the bytes each one writes against the bytes of its input (the sum of file sizes, and the
-blocks the input folder takes on disk). Every file is read once before the timings, so each
+blocks the input folder takes on disk). Each writer runs ``--repeats`` times; the table gives the
+fastest run (the one least disturbed by other load on the machine) and the spread (slowest /
+fastest). Every file is read once before the timings, so each
 measurement reads from the page cache and none pays for the first read alone. The shards of the
 all-cores run stay in the work directory: ``bench loader --source folder`` reads them.
 """
@@ -23,7 +25,10 @@ import io
 import shutil
 import tarfile
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 from PIL import Image
@@ -35,6 +40,8 @@ from ssl_dist.data.prepare import default_workers, prepare_imagefolder
 from ssl_dist.data.shards import encode_png, read_manifest
 from ssl_dist.data.sources import FASHION_MNIST_DIR
 from ssl_dist.data.synthetic import make_imagefolder
+
+T = TypeVar("T")
 
 DEFAULT_IMAGES = 20_000
 PNG_IMAGES = 2_000
@@ -121,21 +128,37 @@ def _png_tar(files: list[Path], path: Path) -> tuple[int, int]:
     return written, path.stat().st_size
 
 
-def _row(writer: str, workers: int, n: int, secs: float, out_bytes: int, in_bytes: int) -> dict:
+def _timed(fn: Callable[[], T], repeats: int) -> tuple[list[float], T]:
+    """`fn` run `repeats` times: the seconds of each run and the last run's result."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return times, result
+
+
+def _row(writer: str, workers: int, n: int, times: list[float], out_bytes: int, in_bytes: int):
+    """The fastest of the runs (the least disturbed by other load) and the spread."""
+    secs = min(times)
     return {
         "writer": writer,
         "workers": workers,
         "images": n,
         "seconds": secs,
         "images_s": n / secs,
+        "spread": max(times) / secs,
         "out_MB": out_bytes / 1e6,
         "out_vs_input": out_bytes / in_bytes,
+        "runs_s": times,
     }
 
 
-def run(out: Path, work: Path, images: int, png_images: int) -> None:
-    if png_images < 1:
-        raise ConfigError(f"--png-images must be at least 1, got {png_images}")
+def run(out: Path, work: Path, images: int, png_images: int, repeats: int = 3) -> None:
+    if png_images < 1 or repeats < 1:
+        raise ConfigError(
+            f"--png-images and --repeats must be at least 1, got {png_images} and {repeats}"
+        )
     work = Path(work)
     root = folder(work, images)
     files = _files(root)
@@ -151,13 +174,8 @@ def run(out: Path, work: Path, images: int, png_images: int) -> None:
     scratch.mkdir(parents=True)
     rows = []
 
-    start = time.perf_counter()
-    raw = _raw_tar(files, scratch / "raw.tar")
-    rows.append(
-        _row(
-            "raw tar: read + write bytes (limit)", 1, n, time.perf_counter() - start, raw, in_bytes
-        )
-    )
+    times, raw = _timed(lambda: _raw_tar(files, scratch / "raw.tar"), repeats)
+    rows.append(_row("raw tar: read + write bytes (limit)", 1, n, times, raw, in_bytes))
 
     per_shard = shard_size(images)
     manifests = {}
@@ -165,23 +183,18 @@ def run(out: Path, work: Path, images: int, png_images: int) -> None:
         dest = scratch / f"shards-w{workers}"
         if workers == cores:
             dest = work / f"shards-{root.name.removeprefix('folder-')}"
-        start = time.perf_counter()
-        manifests[workers] = prepare_imagefolder(
-            root, dest, per_shard, workers=workers, overwrite=True
+        times, manifests[workers] = _timed(
+            partial(prepare_imagefolder, root, dest, per_shard, workers=workers, overwrite=True),
+            repeats,
         )
-        secs = time.perf_counter() - start
-        rows.append(
-            _row("data prepare (original bytes)", workers, n, secs, _tar_dir_bytes(dest), in_bytes)
-        )
+        size = _tar_dir_bytes(dest)
+        rows.append(_row("data prepare (original bytes)", workers, n, times, size, in_bytes))
 
     subset = files[: min(png_images, n)]
     sub_bytes = sum(f.stat().st_size for f in subset)
-    start = time.perf_counter()
-    written, png = _png_tar(subset, scratch / "png.tar")
-    secs = time.perf_counter() - start
-    rows.append(
-        _row(f"decode + PNG re-encode ({len(subset)} files)", 1, len(subset), secs, png, sub_bytes)
-    )
+    times, (written, png) = _timed(lambda: _png_tar(subset, scratch / "png.tar"), repeats)
+    name = f"decode + PNG re-encode ({len(subset)} files)"
+    rows.append(_row(name, 1, len(subset), times, png, sub_bytes))
     rows[-1]["png_written"] = written
     shutil.rmtree(scratch)
 
@@ -209,6 +222,7 @@ def run(out: Path, work: Path, images: int, png_images: int) -> None:
                 "images",
                 "seconds",
                 "images_s",
+                "spread",
                 "vs_limit",
                 "out_MB",
                 "out_vs_input",
@@ -229,6 +243,7 @@ def run(out: Path, work: Path, images: int, png_images: int) -> None:
             "cores": cores,
             "skipped": final.skipped_count,
             "same_shards_across_workers": same,
+            "repeats": repeats,
         },
     )
     print(f"\nwrote {out}")
