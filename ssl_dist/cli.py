@@ -359,9 +359,16 @@ def bench_loader(
     folder_work: Annotated[
         Path, typer.Option(help="folder: bench prepare's --work (folder and shards, cached).")
     ] = Path("work/bench-prepare"),
+    consumer: Annotated[
+        str,
+        typer.Option(
+            help="Recipe whose one training worker's images/s the loaders are compared with "
+            "('' to skip)."
+        ),
+    ] = "launch/recipes/fashion-mnist-cpu.yaml",
 ) -> None:
     """Stream vs per-file Dataset (PNG files, or for folder ImageFolder + RandomResizedCrop)
-    vs raw tar read rate; kornia vs torchvision views."""
+    vs raw tar read rate; kornia vs torchvision views; against one training worker's intake."""
     from ssl_dist.bench.loader import run  # heavy: loads torch
 
     run(
@@ -373,6 +380,7 @@ def bench_loader(
         seconds=seconds,
         images=images,
         folder_work=folder_work,
+        consumer=consumer,
     )
 
 

@@ -14,6 +14,12 @@ reduced-size JPEG decode for large crops), and the baseline is torchvision's ``I
 with two ``RandomResizedCrop`` per image on the same files (the corrupt ones left out), at the
 same crop scale, output size and worker count. Rates count images (each with two views) and
 are also given per loader worker: each worker is one core.
+
+``--consumer RECIPE`` (default: the Fashion-MNIST CPU recipe) also measures, in the same run,
+how many images one training worker of that recipe consumes per second (its per-worker batch,
+one thread, the single-process loop on Fashion-MNIST shards, digits when Fashion-MNIST is not
+installed): ``vs_consumer`` is each loader's rate per worker over it, i.e. how many training
+workers one loader core keeps fed.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ssl_dist.bench import prepare as bench_prepare
 from ssl_dist.bench.report import table, timed, write
-from ssl_dist.config import ConfigError, DataConfig, ViewsConfig
+from ssl_dist.config import ConfigError, DataConfig, ViewsConfig, load_config
 from ssl_dist.data.folder import IMAGE_SUFFIXES
 from ssl_dist.data.reader import decode_image
 from ssl_dist.data.shards import IMAGE_EXTS, read_manifest, write_shards
@@ -154,6 +160,32 @@ def _baseline(source: str, work: Path, folder_work: Path, images: int, image_siz
     return shards, ds, "map-style ImageFolder + 2x RandomResizedCrop", scale
 
 
+CONSUMER_STEPS = 12
+"""Training steps timed for ``--consumer`` (after the loop's warm-up steps)."""
+
+
+def consumer_rate(recipe: str, work: Path) -> dict:
+    """Images/s one training worker of `recipe` consumes: its per-worker batch through the
+    single-process loop on one thread, on Fashion-MNIST (or digits) shards."""
+    from ssl_dist.bench.scaling import bare_rate
+    from ssl_dist.bench.train import WARMUP
+    from ssl_dist.data.sources import FASHION_MNIST_DIR
+
+    source = "fashion-mnist" if Path(FASHION_MNIST_DIR).is_dir() else "digits"
+    shards, _ = _prepare(work / f"consumer-{source}", source)
+    cfg = load_config(
+        recipe,
+        [
+            f"data.manifest={shards / 'manifest.json'}",
+            f"run.max_steps={WARMUP + CONSUMER_STEPS}",
+            "run.epochs=1000",
+            "tracking.enabled=false",
+        ],
+    )
+    rate = bare_rate(cfg, threads=1)
+    return {"recipe": recipe, "data": source, "batch_size": cfg.data.batch_size, **rate}
+
+
 def run(
     out: Path,
     work: Path,
@@ -164,11 +196,14 @@ def run(
     images: int = 0,
     folder_work: Path = Path("work/bench-prepare"),
     workers_list: tuple[int, ...] = (1, 2),
+    consumer: str = "",
 ):
     if source not in ("digits", "fashion-mnist", "folder"):
         raise ConfigError(f"unknown --source {source!r}: choose digits, fashion-mnist or folder")
     if image_size < 8 or batch_size < 1 or seconds <= 0 or min(workers_list) < 1:
         raise ConfigError("need --image-size >= 8, --batch-size >= 1, --seconds > 0, workers >= 1")
+    if consumer and not Path(consumer).is_file():
+        raise ConfigError(f"--consumer {consumer!r}: no such recipe file")
     torch.set_num_threads(1)
     scale = ViewsConfig().crop_scale
     shards, ds, base_name, crop_scale = _baseline(
@@ -221,9 +256,20 @@ def run(
         if r["workers"]:
             r["per_worker"] = r["images_s"] / r["workers"]
     aug = _views_rates(manifest, image_size, batch_size, seconds)
+    fed = consumer_rate(consumer, work) if consumer else None
+    columns = ["reader", "workers", "images_s", "per_worker", "vs_map_style", "vs_raw_tar"]
+    if fed:
+        for r in rows:
+            if r["workers"]:
+                r["vs_consumer"] = r["per_worker"] / fed["images_s"]
+        columns.append("vs_consumer")
     views = f", two views per image (crop scale {crop_scale})" if crop_scale else ""
     print(f"loader bench: {source}, {image_size}px, batch {batch_size}{views}")
-    columns = ["reader", "workers", "images_s", "per_worker", "vs_map_style", "vs_raw_tar"]
+    if fed:
+        print(
+            f"consumer: one training worker of {consumer} (batch {fed['batch_size']}, 1 thread, "
+            f"{fed['data']}) takes {fed['images_s']:.0f} images/s"
+        )
     print(table(rows, [*columns, "startup_s", "MB_s"]))
     print()
     print(table(aug, ["augmentation", "images_s", "speedup"]))
@@ -238,6 +284,7 @@ def run(
             "batch_size": batch_size,
             "crop_scale": crop_scale,
             "shards": str(shards),
+            "consumer": fed,
         },
     )
     print(f"\nwrote {out}")

@@ -97,6 +97,14 @@ def test_loader_on_the_folder_shards_against_imagefolder(prepared, tmp_path):
             readers[stream, w]["images_s"] / readers[base, w]["images_s"]
         )
     assert readers["raw tar read (no decode)", 0]["images_s"] > 0
+    # One Fashion-MNIST recipe worker's intake, measured in the same run; each loader row says
+    # how many such workers one loader core feeds.
+    fed = doc["consumer"]
+    assert fed["recipe"] == "launch/recipes/fashion-mnist-cpu.yaml" and fed["batch_size"] == 128
+    assert fed["images_s"] > 0 and "takes" in r.stdout
+    for w in (1, 2):
+        row = readers[stream, w]
+        assert row["vs_consumer"] == pytest.approx(row["per_worker"] / fed["images_s"])
 
 
 @pytest.mark.parametrize(
@@ -107,6 +115,7 @@ def test_loader_on_the_folder_shards_against_imagefolder(prepared, tmp_path):
         (["prepare", "--repeats", "0"], "--png-images and --repeats must be at least 1"),
         (["loader", "--source", "imagenet"], "unknown --source 'imagenet'"),
         (["loader", "--images", "300"], "--images applies to --source folder only"),
+        (["loader", "--consumer", "nope.yaml"], "--consumer 'nope.yaml': no such recipe file"),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(args, needle, tmp_path):

@@ -2,8 +2,9 @@
 
 The workers are fed fp32 views, as always; under bf16 the engine autocasts the forward. On a CPU
 without native bf16 the bf16 kernels are emulated (slow), so the runs stay tiny: the tiny recipe,
-3 steps, 2 workers. ZeRO stages change no arithmetic (tests/dist/test_zero.py), so one fp32 run
-per method is the reference for its bf16 runs at every stage.
+3 steps, 2 workers. ZeRO stages change no arithmetic (tests/dist/test_zero.py, which also
+checks bf16 at stages 0, 2 and 3 against one process), so one fp32 run per method is the
+reference for its bf16 run, and each method runs at one stage here: 0, 2 and 3 between them.
 """
 
 from __future__ import annotations
@@ -46,15 +47,7 @@ def _run(tiny_cfg, method: str, stage: int, precision: str, *extra: str) -> tupl
 
 @pytest.mark.parametrize(
     ("method", "stage"),
-    [
-        ("simclr", 0),
-        ("simclr", 2),
-        ("moco_v2", 0),
-        ("moco_v2", 2),
-        ("moco_v3", 0),
-        ("moco_v3", 2),
-        ("moco_v3", 3),
-    ],
+    [("simclr", 0), ("moco_v2", 2), ("moco_v3", 3)],
 )
 def test_bf16_pretrain_matches_fp32(local_ray, tiny_cfg, method: str, stage: int) -> None:
     if method not in _fp32_loss:
@@ -71,10 +64,11 @@ def test_bf16_pretrain_matches_fp32(local_ray, tiny_cfg, method: str, stage: int
     print(f"{method} ZeRO-{stage}: bf16 loss {loss:.5f}, fp32 {reference:.5f}")
 
 
-@pytest.mark.parametrize("workers_after", [2, 1])
+@pytest.mark.parametrize("workers_after", [1])
 def test_bf16_checkpoint_resumes(local_ray, tiny_cfg, workers_after: int) -> None:
     """A bf16 checkpoint (MoCo v2, ZeRO-2: queue, momentum encoder, partitioned optimizer)
-    resumes at the same world size and at another one (re-sharded)."""
+    resumes at another world size (re-sharded; a resume at the same size is the fp32 tests'
+    path with the same state)."""
     common = ("method.name=moco_v2", "zero.stage=2", "zero.precision=bf16", "run.max_steps=4")
     first, _ = _run(tiny_cfg, "moco_v2", 2, "bf16", *common, "run.stop_at_step=2")
     assert json.loads((first / STATE).read_text())["step"] == 2
