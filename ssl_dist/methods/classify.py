@@ -30,7 +30,7 @@ class ClassifyInputs:
         self.augment = augment.to(self.device) if augment is not None else None
 
     def __call__(self, batch, seed: int) -> tuple[Tensor, Tensor]:
-        x = self.views.plain(batch.eval_images().to(self.device, non_blocking=True))
+        x = self.views.plain(batch.images.to(self.device, non_blocking=True))  # evaluation views
         if self.augment is not None:
             with torch.no_grad(), torch.random.fork_rng(devices=_cuda(self.device)):
                 torch.manual_seed(seed)

@@ -306,7 +306,7 @@ def run_steps(
     seed: Callable[[int, int], int] = lambda epoch, i: 0,
     grad_accum: int = 1,
     clock: PhaseClock | None = None,
-    images_of: Callable[[Any], int] = len,
+    images_of: Callable[[Any], int] = lambda batch: len(batch.labels),
 ) -> Progress:
     """Train until ``schedule.total_steps`` optimizer steps are done or a hook stops the run.
 
