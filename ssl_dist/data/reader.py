@@ -17,7 +17,7 @@ from webdataset.gopen import gopen
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ssl_dist.config import ConfigError
-from ssl_dist.data.crops import decode_crops, decode_views, sample_rng
+from ssl_dist.data.crops import CropPlan, decode_crops, decode_multi_crops, decode_views, sample_rng
 from ssl_dist.data.shards import (
     IMAGE_EXTS,
     is_unsafe,
@@ -56,7 +56,9 @@ class ShardReader(IterableDataset):
     views (uint8 ``[k, C, H, W]``); with `crop_scale` instead the two training views'
     random-resized crops (uint8 ``[k, 2, C, H, W]``), cut from one decode of the
     full-resolution image with a generator of (seed, epoch, key): a training step does not use
-    the evaluation view, so it is not decoded.
+    the evaluation view, so it is not decoded. A :class:`~ssl_dist.data.crops.CropPlan` with
+    local crops in place of `crop_scale` makes `views` a list: the global crops and the local
+    ones (uint8 ``[k, M, C, h, w]``).
     """
 
     def __init__(
@@ -80,7 +82,7 @@ class ShardReader(IterableDataset):
         self.urls, self.mode, self.seed, self.epoch, self.rank = urls, mode, seed, epoch, rank
         self.image_size, self.channels, self.chunk = image_size, channels, chunk
         self.shuffle_buffer, self.allow_unsafe, self.salt = shuffle_buffer, allow_unsafe, salt
-        self.crop_scale: tuple[float, float] | None = crop_scale
+        self.crop_scale: tuple[float, float] | CropPlan | None = crop_scale
         self.keep: dict[str, frozenset[int]] | None = keep
         """When given: per URL, the positions (0-based, in shard order) of the only samples to
         decode and yield; the others are read past undecoded."""
@@ -128,7 +130,7 @@ class ShardReader(IterableDataset):
         rng.shuffle(buf)
         yield from buf
 
-    def _decode(self, sample: dict) -> tuple[torch.Tensor, int]:
+    def _decode(self, sample: dict) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], int]:
         bad = [k for k in sample if is_unsafe(k)]
         if bad and not self.allow_unsafe:
             raise UnsafeDataError(
@@ -143,21 +145,29 @@ class ShardReader(IterableDataset):
             return decode_views(sample[ext], self.image_size, self.channels), label
         shard = sample["__url__"].rsplit("/", 1)[-1]  # the same from a mirror
         rng = sample_rng(self.seed, self.epoch, f"{shard}/{sample['__key__']}")
-        crops = decode_crops(sample[ext], self.image_size, self.channels, rng, self.crop_scale)
-        return crops, label
+        plan = self.crop_scale
+        if isinstance(plan, CropPlan) and plan.local_count:
+            pair = decode_multi_crops(sample[ext], self.image_size, self.channels, rng, plan)
+            return pair, label
+        scale = plan.scale if isinstance(plan, CropPlan) else plan
+        return decode_crops(sample[ext], self.image_size, self.channels, rng, scale), label
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         # Events since the last chunk: ("skip", url, key, why) and ("end", url, found, error).
         events: list = []
-        views: list[torch.Tensor] = []
+        views: list = []
         labels: list[int] = []
+
+        def stack(items: list) -> torch.Tensor | list[torch.Tensor]:
+            if items and isinstance(items[0], tuple):  # [global crops, local crops]
+                return [torch.stack(part) for part in zip(*items, strict=True)]
+            return torch.stack(items) if items else torch.empty(0, dtype=torch.uint8)
 
         def chunk() -> tuple:
             sent, events[:] = list(events), []
-            stacked = torch.stack(views) if views else torch.empty(0, dtype=torch.uint8)
-            return stacked, torch.tensor(labels, dtype=torch.int64), sent
+            return stack(views), torch.tensor(labels, dtype=torch.int64), sent
 
         for sample in self._samples(worker, num_workers, events):
             try:

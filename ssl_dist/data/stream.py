@@ -45,6 +45,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from ssl_dist.config import ConfigError, DataConfig
+from ssl_dist.data.crops import CropPlan
 from ssl_dist.data.damage import ShardReport, StreamStats
 from ssl_dist.data.reader import ShardReader, _message
 from ssl_dist.data.reader import UnsafeDataError as UnsafeDataError
@@ -72,6 +73,9 @@ class Batch:
     crops: torch.Tensor | None = None
     """uint8 [B, 2, C, H, W]: the two training views' random-resized crops, cut by the loader
     from the full-resolution images (streams with ``crop_scale``), else None."""
+    local_crops: torch.Tensor | None = None
+    """uint8 [B, M, C, h, w]: the M local crops of multi-crop methods, cut by the loader from the
+    same decode (a ``crop_scale`` that is a :class:`CropPlan` with local crops), else None."""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -121,9 +125,9 @@ class Stream:
     epoch: int
     seed: int
     partial: bool = False
-    crop_scale: tuple[float, float] | None = None
+    crop_scale: tuple[float, float] | CropPlan | None = None
     """The views' crop area range: the loader cuts each sample's two random-resized crops
-    (``Batch.crops``) from the full-resolution image."""
+    (``Batch.crops``) from the full-resolution image (a :class:`CropPlan`: also local ones)."""
     keep: dict[str, frozenset[int]] | None = None
     """Evaluation only: per URL, the positions of the samples to read (a subset of the split);
     shards without an entry are not opened."""
@@ -310,8 +314,8 @@ class Stream:
                 for views, labels, events in self._loader(salt):
                     self._record(events)
                     got += len(labels)
-                    if len(labels):
-                        yield [labels, views], salt > 0
+                    if len(labels):  # views: a tensor, or [global crops, local crops]
+                        yield [labels, *(views if isinstance(views, list) else [views])], salt > 0
             except RuntimeError as e:
                 if "timed out" in str(e).lower():
                     raise StreamTimeout(
@@ -324,10 +328,10 @@ class Stream:
                 return
 
     def _batch(self, parts: list[torch.Tensor]) -> Batch:
-        labels, views = parts
+        labels, views, *local = parts
         if self.crop_scale is None:
             return Batch(views, labels)
-        return Batch(None, labels, views)
+        return Batch(None, labels, views, local[0] if local else None)
 
     def __iter__(self) -> Iterator[Batch]:
         self.check()
@@ -382,11 +386,12 @@ def stream(
     partial: bool = False,
     shards: ShardSet | None = None,
     keep: dict[str, frozenset[int]] | None = None,
-    crop_scale: tuple[float, float] | None = None,
+    crop_scale: tuple[float, float] | CropPlan | None = None,
 ) -> Stream:
     """Batches of one epoch for one rank. `partial=True` reads every sample once (evaluation),
     or with `keep` only the samples it names (see `Stream.keep`). With `crop_scale` (the run's
-    ``views.crop_scale``) each batch carries the two training crops (``Batch.crops``)."""
+    ``views.crop_scale``) each batch carries the two training crops (``Batch.crops``), and
+    with a :class:`CropPlan` the local ones (``Batch.local_crops``)."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of {world_size}")
     shards = shards or open_shards(cfg, split)

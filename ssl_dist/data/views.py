@@ -175,6 +175,20 @@ class TwoViews(nn.Module):
             v1, v2 = (self._finish(after_crop[i](x[:, i])) for i in range(2))
         return v1, v2
 
+    def single_from_crops(self, crops: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+        """One view (the first view's recipe) of crops the loader already cut and resized, as
+        :meth:`from_crops` does for two: every step but the random-resized crop.
+
+        Args: crops: uint8 ``[B, C, image_size, image_size]``; seed: as in :meth:`forward`.
+        """
+        size = self.image_size
+        if crops.dtype != torch.uint8 or crops.ndim != 4 or crops.shape[-2:] != (size, size):
+            raise ValueError(f"expected uint8 [B, C, {size}, {size}] crops, got {crops.shape}")
+        x = crops.float().div_(255.0)
+        pipe = (self.colour if x.shape[1] == 3 else self.grey)[0]
+        with _seeded(x.device, seed):
+            return self._finish(nn.Sequential(*list(pipe.children())[1:])(x))
+
     def single(self, batch: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """One augmented view (the first view's recipe) of a uint8 batch, for tasks that need
         one: as :meth:`forward`, returns float32 ``[B, channels, image_size, image_size]``."""

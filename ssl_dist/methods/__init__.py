@@ -1,5 +1,6 @@
 """Self-supervised methods behind one task seam: SimCLR, MoCo v2, MoCo v3, BYOL (two views) and
-rotation prediction (four rotations of one view).
+rotation prediction (four rotations of one view), MAE and SimMIM (masked patches of one view),
+DINO (self-distillation on multi-crop views).
 
 ``build_method(cfg.method, cfg.model, in_chans, image_size)`` returns an :class:`SSLMethod`
 that builds its own inputs (``make_inputs``) and whose ``forward(*inputs)`` gives
@@ -12,13 +13,16 @@ from __future__ import annotations
 from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.methods.base import SSLMethod, alignment, pair_metrics, uniformity
 from ssl_dist.methods.byol import BYOL
+from ssl_dist.methods.dino import DINO
+from ssl_dist.methods.mae import MAE
 from ssl_dist.methods.moco import MoCoV2, MoCoV3
 from ssl_dist.methods.rotation import Rotation
 from ssl_dist.methods.simclr import SimCLR
+from ssl_dist.methods.simmim import SimMIM
 from ssl_dist.models import maybe_sync_bn
 
 METHODS: dict[str, type[SSLMethod]] = {
-    cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3, BYOL, Rotation)
+    cls.name: cls for cls in (SimCLR, MoCoV2, MoCoV3, BYOL, Rotation, MAE, SimMIM, DINO)
 }
 """Method classes keyed by ``MethodConfig.name``."""
 
@@ -52,12 +56,15 @@ def build_method(
 
 __all__ = [
     "BYOL",
+    "DINO",
+    "MAE",
     "METHODS",
     "MoCoV2",
     "MoCoV3",
     "Rotation",
     "SSLMethod",
     "SimCLR",
+    "SimMIM",
     "alignment",
     "build_method",
     "pair_metrics",

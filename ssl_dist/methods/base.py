@@ -62,6 +62,9 @@ class SSLMethod(nn.Module):
     """
 
     name: ClassVar[str] = ""
+    any_input_size: ClassVar[bool] = False
+    """The encoder takes inputs of other sides than `image_size` (multi-crop: ViTs are built
+    with an interpolated position embedding)."""
     encoder: nn.Module
 
     def __init__(
@@ -71,7 +74,7 @@ class SSLMethod(nn.Module):
         seed fixes the encoder's init whatever heads the method adds after it)."""
         super().__init__()
         self.cfg = method
-        self.encoder = build_encoder(model, in_chans, image_size)
+        self.encoder = build_encoder(model, in_chans, image_size, any_size=self.any_input_size)
 
     def make_inputs(self, cfg: Config, manifest: Manifest, device: torch.device | str) -> Inputs:
         """The builder of this method's forward arguments from a decoded batch, on `device`.

@@ -77,6 +77,7 @@ class Rotation(SSLMethod):
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Args: x: rotated images ``[4N, C, H, W]``; y: rotation indices ``[4N]``.
         Returns: mean cross-entropy and ``rot_acc`` (share of rotations recognised)."""
-        logits = self.head(self.encoder(x)).float()  # [4N, 4]
+        logits = self.head(self.encoder(x))  # [4N, 4]; float32 (float64 stays float64)
+        logits = logits if logits.dtype == torch.float64 else logits.float()
         loss = F.cross_entropy(logits, y)
         return loss, {"rot_acc": (logits.detach().argmax(1) == y).float().mean()}

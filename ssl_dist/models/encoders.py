@@ -136,7 +136,11 @@ def _timm_resnet(name: str, in_chans: int, small_stem: bool, zero_init: bool) ->
 
 
 def build_encoder(
-    cfg: ModelConfig, in_chans: int, image_size: int = 32, zero_init_residual: bool | None = None
+    cfg: ModelConfig,
+    in_chans: int,
+    image_size: int = 32,
+    zero_init_residual: bool | None = None,
+    any_size: bool = False,
 ) -> nn.Module:
     """Build the backbone named by ``cfg.encoder``.
 
@@ -146,6 +150,9 @@ def build_encoder(
         image_size: Side of the square input; ViTs are built for exactly this size.
         zero_init_residual: Zero the last BN gamma of each residual branch (ResNets only);
             default ``cfg.zero_init_residual``.
+        any_size: ViTs also take other multiples of the patch (timm's ``dynamic_img_size``: the
+            position embedding is interpolated; the same weights and the same output at
+            `image_size`). For multi-crop methods; ResNets take any size anyway.
 
     Returns:
         A module mapping ``[B, in_chans, image_size, image_size]`` to ``[B, num_features]``,
@@ -171,6 +178,7 @@ def build_encoder(
         in_chans=in_chans,
         img_size=image_size,
         patch_size=patch,
+        dynamic_img_size=any_size,
         **heads,
     )
     return model

@@ -47,14 +47,34 @@ SPECS: dict[str, dict[str, Any]] = {
     "byol": {"name": "byol"},
     "moco_v2": {"name": "moco_v2", "shuffle_bn": False},
     "moco_v2_shuffle_bn": {"name": "moco_v2", "shuffle_bn": True},
+    "rotation": {"name": "rotation"},
+    "mae": {"name": "mae", "masked": {"decoder_dim": 16, "decoder_heads": 2}},
+    "simmim": {"name": "simmim"},
+    "dino": {
+        "name": "dino",
+        "dino": {
+            "out_dim": 16,
+            "hidden_dim": 16,
+            "bottleneck_dim": 8,
+            "norm_last_layer": False,
+            "warmup_teacher_temp": 0.02,
+            "teacher_temp_warmup_steps": 2,
+        },
+    },
 }
+MODELS = {"mae": ModelConfig(encoder="vit_tiny", vit_heads=3)}
+"""Encoders other than MODEL's thin ResNet (MAE needs a ViT: 16 px, 4 px patches, 16 tokens)."""
+NOT_CONTRASTIVE = ("byol", "rotation", "mae", "simmim", "dino")
+"""Methods without InfoNCE candidates (no ``infonce_bound_nats``)."""
+MASKED_PATCHES = 16  # MAE: 4x4 tokens; SimMIM: 4 px squares of a 16 px image
+DINO_LOCAL, DINO_LOCAL_SIZE = 2, 8  # DINO: local crops per image and their side
 
 
 def _build(spec: dict[str, Any], bn_eval: bool) -> SSLMethod:
     """The same float64 method on every rank and in the parent (seeded, randomised BN)."""
     torch.manual_seed(0)
     cfg = MethodConfig(**spec, queue_size=QUEUE, temperature=0.3, momentum=0.9)
-    method = build_method(cfg, MODEL, CHANS, SIZE).double()
+    method = build_method(cfg, MODELS.get(spec["name"], MODEL), CHANS, SIZE).double()
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for module in method.modules():
@@ -84,6 +104,26 @@ def _views(step: int, global_size: int) -> tuple[Tensor, Tensor]:
     return x1, torch.randn(shape, generator=gen, dtype=torch.float64)
 
 
+def _inputs(name: str, step: int, global_size: int, rows: slice) -> tuple[Tensor, ...]:
+    """This rank's forward arguments, cut from one global batch: two views; one view rotated
+    four times (rotation); one view and its masking noise (MAE, SimMIM)."""
+    x1, x2 = _views(step, global_size)
+    if name == "rotation":
+        x = x1[rows]
+        rotated = torch.cat([torch.rot90(x, k, dims=(2, 3)) for k in range(4)])
+        return rotated, torch.arange(4).repeat_interleave(x.shape[0])
+    if name in ("mae", "simmim"):
+        gen = torch.Generator().manual_seed(200 + step)
+        noise = torch.rand(global_size, MASKED_PATCHES, generator=gen, dtype=torch.float64)
+        return x1[rows], noise[rows]
+    if name == "dino":
+        gen = torch.Generator().manual_seed(300 + step)
+        shape = (global_size, DINO_LOCAL, CHANS, DINO_LOCAL_SIZE, DINO_LOCAL_SIZE)
+        local = torch.randn(shape, generator=gen, dtype=torch.float64)
+        return x1[rows], x2[rows], local[rows]
+    return x1[rows], x2[rows]
+
+
 def _train(spec: dict[str, Any], rank: int, world_size: int, per_rank: int) -> dict[str, Any]:
     """STEPS steps on this rank's slice; gradients and logged losses averaged over ranks."""
     method = _build(spec, bn_eval=True)
@@ -92,9 +132,8 @@ def _train(spec: dict[str, Any], rank: int, world_size: int, per_rank: int) -> d
     rows = slice(rank * per_rank, (rank + 1) * per_rank)
     losses, local_losses, first_grads, bounds = [], [], [], []
     for step in range(STEPS):
-        x1, x2 = _views(step, world_size * per_rank)
         optimizer.zero_grad()
-        loss, metrics = method(x1[rows], x2[rows])
+        loss, metrics = method(*_inputs(spec["name"], step, world_size * per_rank, rows))
         if "infonce_bound_nats" in metrics:
             bounds.append(metrics["infonce_bound_nats"])
         loss.backward()
@@ -204,7 +243,7 @@ def _candidates(name: str, n_global: int) -> int:
     return {"simclr": 2 * n_global - 1, "moco_v3": n_global}.get(name, 1 + QUEUE)
 
 
-@pytest.mark.parametrize("name", [n for n in SPECS if n != "byol"])
+@pytest.mark.parametrize("name", [n for n in SPECS if SPECS[n]["name"] not in NOT_CONTRASTIVE])
 def test_infonce_bound_counts_the_gathered_candidates(world, name: str) -> None:
     """Each rank's bound is log(N) - L of its own loss, N counted over the whole world."""
     world_size, results = world
@@ -216,3 +255,14 @@ def test_infonce_bound_counts_the_gathered_candidates(world, name: str) -> None:
         for bound, loss in zip(result["bounds"], result["local_losses"], strict=True):
             want = math.log(n) - float(loss) / scale
             assert float(bound) == pytest.approx(want, rel=1e-5, abs=1e-5), f"rank {rank}"
+
+
+def test_dino_center_is_the_global_batch_one(world) -> None:
+    """The centre is all-reduced: every rank holds the same one, the single process's (compared
+    with the other state above), and it moved from zero; the temperature schedule advanced."""
+    _, results = world
+    states = [r["dino"]["state"] for r in results]
+    assert float(states[0]["center"].abs().max()) > 1e-3
+    for state in states[1:]:
+        assert torch.equal(state["center"], states[0]["center"])
+    assert all(int(state["steps_done"]) == STEPS for state in states)

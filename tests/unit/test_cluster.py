@@ -35,8 +35,14 @@ K8S_FILES = sorted(K8S.glob("*.yaml"))
 RECIPES = {
     "imagenet-simclr-r50.yaml": ("simclr", "resnet50"),
     "imagenet-mocov3-vits.yaml": ("moco_v3", "vit_small"),
+    "dino-vit-small.yaml": ("dino", "vit_small"),
+    "mae-vit-small.yaml": ("mae", "vit_small"),
 }
 GLOBAL_BATCH = 4096
+BATCHES = {"dino-vit-small.yaml": 1024}
+"""Global batches other than GLOBAL_BATCH (DINO's ViT-S/16: 1024)."""
+IMAGENET_STEPS = 1281167 // 1024
+"""Optimizer steps per ImageNet-1k epoch at a global batch of 1024."""
 PRIVATE_PORTS = (8265, 10001, 6379)
 OPEN_WORLD = {"0.0.0.0/0", "::/0"}
 IMAGE_ROOT = "/opt/ssl-dist"
@@ -481,17 +487,46 @@ PAPER = {
         "vit_heads": 12,
         "pred_last_bn": True,
     },
+    # DINO ViT-S/16 (Caron et al. 2021; facebookresearch/dino main_dino.py options): AdamW
+    # lr 5e-4 x B/256, weight decay 0.04 (start of its schedule), student temperature 0.1,
+    # teacher 0.04 -> 0.07 over 30 epochs, momentum 0.996, out_dim 65536, 2 x 224 + 10 x 96 crops.
+    "dino-vit-small.yaml": {
+        "optimizer": "adamw",
+        "zero_stage": 2,
+        "peak_lr": 2e-3,
+        "weight_decay": 0.04,
+        "temperature": 0.1,
+        "epochs": 100,
+        "momentum": 0.996,
+        "teacher_temp": (0.04, 0.07, 30),
+        "out_dim": 65536,
+        "crops": (2, 224, 10, 96),
+    },
+    # MAE (He et al. 2021, appendix A.1): AdamW lr 1.5e-4 x B/256, betas 0.9 / 0.95, weight
+    # decay 0.05, 40 warm-up epochs, mask ratio 0.75, decoder 512-d x 8 blocks (16 heads),
+    # normalised pixel targets, 800 epochs; no colour augmentation.
+    "mae-vit-small.yaml": {
+        "optimizer": "adamw",
+        "zero_stage": 2,
+        "peak_lr": 2.4e-3,
+        "weight_decay": 0.05,
+        "epochs": 800,
+        "betas": (0.9, 0.95),
+        "warmup_epochs": 40,
+        "masked": (0.75, 512, 8, 16, True),
+        "colour": (0.0, 0.0, (0.0, 0.0), (0.0, 0.0)),
+    },
 }
 
 
-def _paper_settings(cfg) -> dict[str, Any]:
+def _paper_settings(cfg, batch: int = GLOBAL_BATCH) -> dict[str, Any]:
     from ssl_dist.optim import scaled_lr
 
     o = cfg.optim
     out = {
         "optimizer": o.name,
         "zero_stage": cfg.zero.stage,
-        "peak_lr": round(scaled_lr(o.lr, GLOBAL_BATCH, o.base_batch, o.lr_scaling), 10),
+        "peak_lr": round(scaled_lr(o.lr, batch, o.base_batch, o.lr_scaling), 10),
         "weight_decay": o.weight_decay,
         "temperature": cfg.method.temperature,
         "epochs": cfg.run.epochs,
@@ -502,6 +537,28 @@ def _paper_settings(cfg) -> dict[str, Any]:
             vit_heads=cfg.model.vit_heads,
             pred_last_bn=cfg.model.pred_last_bn,
         )
+    if cfg.method.name == "dino":
+        d = cfg.method.dino
+        out.update(
+            temperature=d.student_temp,
+            momentum=cfg.method.momentum,
+            teacher_temp=(
+                d.warmup_teacher_temp,
+                d.teacher_temp,
+                d.teacher_temp_warmup_steps / IMAGENET_STEPS,
+            ),
+            out_dim=d.out_dim,
+            crops=(2, cfg.data.image_size, d.local_crops, d.local_size),
+        )
+    if cfg.method.name == "mae":
+        m, v = cfg.method.masked, cfg.views
+        del out["temperature"]  # not used
+        out.update(
+            betas=o.betas,
+            warmup_epochs=o.warmup_steps / (1281167 // batch),  # full batches per epoch
+            masked=(m.mask_ratio, m.decoder_dim, m.decoder_depth, m.decoder_heads, m.norm_pix_loss),
+            colour=(v.jitter_p, v.grayscale_p, v.blur_p, v.solarize_p),
+        )
     return out
 
 
@@ -511,10 +568,11 @@ def test_imagenet_recipe(name):
     method, encoder = RECIPES[name]
     assert cfg.method.name == method and cfg.model.encoder == encoder
     workers = _max_workers(cfg.scaling.num_workers)
-    assert cfg.data.batch_size * workers * cfg.optim.grad_accum == GLOBAL_BATCH
+    batch = BATCHES.get(name, GLOBAL_BATCH)
+    assert cfg.data.batch_size * workers * cfg.optim.grad_accum == batch
     assert cfg.zero.precision == "bf16"
     check_supported(cfg.zero, cfg.optim)  # no LARS under ZeRO 1-3
-    assert PAPER[name] == _paper_settings(cfg)
+    assert PAPER[name] == _paper_settings(cfg, batch)
     assert cfg.data.manifest.startswith(("s3://", "gs://"))
     assert cfg.run.storage_path.startswith(("s3://", "gs://"))
     assert (cfg.tracking.uri or "").startswith(("http://", "https://"))

@@ -10,6 +10,7 @@ from PIL import Image
 
 from ssl_dist.config import DataConfig, ViewsConfig
 from ssl_dist.data.crops import (
+    RESAMPLE,
     centre_box,
     decode_boxes,
     decode_crops,
@@ -104,7 +105,7 @@ def test_large_jpeg_is_decoded_at_reduced_size():
         (reduced,), factor = decode_boxes(raw, big_box, 64, 3)
     assert factor == 8
     with Image.open(io.BytesIO(buf.getvalue())) as raw:
-        full = raw.convert("RGB").resize((64, 64), Image.Resampling.BICUBIC, box=big_box[0])
+        full = raw.convert("RGB").resize((64, 64), RESAMPLE, box=big_box[0])
     full_t = torch.from_numpy(np.asarray(full).copy()).permute(2, 0, 1)
     assert (reduced.float() - full_t.float()).abs().mean() < 2.0
     with open_image(buf.getvalue()) as raw:

@@ -13,11 +13,13 @@ from ssl_dist.config import MethodConfig, ModelConfig
 from ssl_dist.losses import info_nce_loss, nt_xent_loss
 from ssl_dist.methods import (
     BYOL,
+    MAE,
     METHODS,
     MoCoV2,
     MoCoV3,
     Rotation,
     SimCLR,
+    SimMIM,
     SSLMethod,
     alignment,
     build_method,
@@ -51,10 +53,19 @@ def _momentum_params(method: SSLMethod) -> list[torch.nn.Parameter]:
 
 
 def test_registry_has_every_method() -> None:
-    assert set(METHODS) == {"simclr", "moco_v2", "moco_v3", "byol", "rotation"}
+    assert set(METHODS) == {
+        "simclr",
+        "moco_v2",
+        "moco_v3",
+        "byol",
+        "rotation",
+        "mae",
+        "simmim",
+        "dino",
+    }
     assert METHODS["simclr"] is SimCLR and METHODS["moco_v2"] is MoCoV2
     assert METHODS["moco_v3"] is MoCoV3 and METHODS["rotation"] is Rotation
-    assert METHODS["byol"] is BYOL
+    assert METHODS["byol"] is BYOL and METHODS["mae"] is MAE and METHODS["simmim"] is SimMIM
     for name in [*NAMES, "byol"]:
         method = _method(name)
         assert type(method) is METHODS[name] and method.name == name
