@@ -170,14 +170,14 @@ class TwoViews(nn.Module):
             raise ValueError(f"crops are {tuple(crops.shape[-2:])}, the views {size} px")
         x = crops.float().div_(255.0)
         pipes = self.colour if x.shape[2] == 3 else self.grey
-        after_crop = [nn.Sequential(*list(p.children())[1:]) for p in pipes]
         with _seeded(x.device, seed):
-            v1, v2 = (self._finish(after_crop[i](x[:, i])) for i in range(2))
+            v1, v2 = (self._finish(_after_crop(pipes[i])(x[:, i])) for i in range(2))
         return v1, v2
 
     def single_from_crops(self, crops: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """One view (the first view's recipe) of crops the loader already cut and resized, as
-        :meth:`from_crops` does for two: every step but the random-resized crop.
+        :meth:`from_crops` does for two: every step but the random-resized crop. Of
+        ``from_crops(crops)`` it equals the first view (the same draws from the same seed).
 
         Args: crops: uint8 ``[B, C, image_size, image_size]``; seed: as in :meth:`forward`.
         """
@@ -187,7 +187,7 @@ class TwoViews(nn.Module):
         x = crops.float().div_(255.0)
         pipe = (self.colour if x.shape[1] == 3 else self.grey)[0]
         with _seeded(x.device, seed):
-            return self._finish(nn.Sequential(*list(pipe.children())[1:])(x))
+            return self._finish(_after_crop(pipe)(x))
 
     def single(self, batch: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         """One augmented view (the first view's recipe) of a uint8 batch, for tasks that need
@@ -210,6 +210,11 @@ class TwoViews(nn.Module):
                 x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True
             )
         return self._finish(x)
+
+
+def _after_crop(pipe: nn.Module) -> nn.Sequential:
+    """A view's steps after its random-resized crop (the crop is the pipeline's first step)."""
+    return nn.Sequential(*list(pipe.children())[1:])
 
 
 @contextmanager

@@ -64,8 +64,8 @@ class MaskedInputs:
 
     def __call__(self, batch, seed: int) -> tuple[Tensor, Tensor]:
         crops = getattr(batch, "crops", None)
-        if crops is not None:  # cut by the loader; the second crop's view is a flip + normalise
-            x, _ = self.views.from_crops(crops.to(self.device, non_blocking=True), seed=seed)
+        if crops is not None:  # cut by the loader; only the first crop is augmented
+            x = self.views.single_from_crops(crops[:, 0].to(self.device, non_blocking=True), seed)
         else:
             x = self.views.single(batch.eval_images().to(self.device, non_blocking=True), seed)
         return x, self.noise(x.shape[0], seed)

@@ -123,6 +123,8 @@ def test_views_from_loader_crops_skip_the_second_crop():
     a, b = default.from_crops(crops, seed=5), default.from_crops(crops, seed=5)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
     assert not torch.equal(a[0], default.from_crops(crops, seed=6)[0])
+    # One view of the first crops is the first of the two views (single-view methods, DINO).
+    assert torch.equal(default.single_from_crops(crops[:, 0], seed=5), a[0])
     with pytest.raises(ValueError, match="crops are"):
         views.from_crops(torch.zeros(1, 2, 3, 8, 8, dtype=torch.uint8))
 
