@@ -9,9 +9,20 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 LOCK := constraints.txt
 PYTEST_ARGS ?=
 
-.PHONY: install lock test test-fast demo retrain-e2e bench lint format clean
+.PHONY: install lock test test-fast demo retrain-e2e bench lint format clean fashion-mnist
 
 install: $(STAMP)
+
+# Debian's Fashion-MNIST (IDX files under /usr/share/datasets): the methods' learn tests and
+# `bench quality` read it. Installed with apt-get when missing (sudo when not root); where that
+# is impossible the tests that need it are skipped, saying why.
+FMNIST_IDX := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+fashion-mnist:
+	@test -f $(FMNIST_IDX) || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  $$SUDO apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -q >/dev/null && $$SUDO apt-get install -y -q dataset-fashion-mnist; } || \
+	  echo "warning: could not install dataset-fashion-mnist: its tests will be skipped" >&2; }
 
 $(STAMP): pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +44,7 @@ lock:
 	  .lock-venv/bin/python -m pip freeze --exclude ssl-dist; } > $(LOCK)
 	rm -rf .lock-venv
 
-test: install
+test: install fashion-mnist
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # The pure, quick tests (marker `unit`): seconds, no processes, Ray or servers.

@@ -109,6 +109,7 @@ class Evaluator:
         shards = open_shards(cfg.data)
         self.manifest_sha256 = manifest_sha256(cfg.data.manifest)
         self.num_classes = len(shards.manifest.classes)
+        self.manifest = shards.manifest
         self.views = views_for(cfg, shards.manifest)
         self.threads = threads
         self.cache = cache_dir / "baselines.json" if cache_dir is not None else None
@@ -122,11 +123,16 @@ class Evaluator:
             train_x, self.train.labels, val_x, self.val.labels, self.num_classes
         )
 
-    def encoder(self, encoder: nn.Module) -> dict[str, Any]:
+    def encoder(self, encoder: nn.Module, cfg: Config | None = None) -> dict[str, Any]:
+        """Scores of `encoder`'s frozen features, on the plain view at `cfg`'s image size (an
+        encoder trained at another size than the bench's; default the bench's view)."""
+        views = self.views
+        if cfg is not None and cfg.data.image_size != self.cfg.data.image_size:
+            views = views_for(cfg, self.manifest)
         with torch_threads(self.threads):
             start = time.perf_counter()
-            tx = encode(encoder, self.train.images, self.views)
-            vx = encode(encoder, self.val.images, self.views)
+            tx = encode(encoder, self.train.images, views)
+            vx = encode(encoder, self.val.images, views)
             encode_s = time.perf_counter() - start
             return {**self._score(tx, vx), "encode_s": encode_s}
 

@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import gc
 import itertools
-import math
 import os
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -38,27 +38,20 @@ import torch
 from ssl_dist import precision
 from ssl_dist.bench.report import machine_line, table, write
 from ssl_dist.bench.scaling import matmul_gflops, model_flops
+from ssl_dist.bench.timed import PHASES, Timer
 from ssl_dist.config import Config
 from ssl_dist.data.shards import write_shards
-from ssl_dist.data.sources import FASHION_MNIST_DIR, Source, Split, digits, fashion_mnist
-from ssl_dist.data.stream import open_shards, stream
+from ssl_dist.data.sources import FASHION_MNIST_DIR, digits, fashion_mnist, head
+from ssl_dist.data.stream import open_shards
 from ssl_dist.dist import zero
 from ssl_dist.dist.spawn import single_rank_group
-from ssl_dist.train.parts import build_model, view_seed
-from ssl_dist.train.runtime import (
-    DeepSpeedBackend,
-    Hook,
-    PhaseClock,
-    Position,
-    Schedule,
-    run_steps,
-)
+from ssl_dist.train.parts import build_model
+from ssl_dist.train.runtime import DeepSpeedBackend, PhaseClock
 
 IDX = "train-images-idx3-ubyte.gz"
 METHODS = ("simclr", "moco_v2", "moco_v3")
 PRECISIONS = ("bf16", "fp32")
 STAGES = (0, 2)
-PHASES = ("data", "inputs", "forward", "backward", "optimizer")
 COLUMNS = [
     "model",
     "method",
@@ -95,12 +88,6 @@ def _models(device: str) -> dict[str, dict[str, Any]]:
     }
 
 
-def _head(source: Source, n: int) -> Source:
-    """The first `n` samples of each split (Fashion-MNIST's order is already mixed)."""
-    splits = {name: Split(s.keys[:n], s.labels[:n], s.load) for name, s in source.splits.items()}
-    return Source(source.name, source.classes, source.channels, splits)
-
-
 def prepare_data(work: Path, fmnist: Path, images: int = 10_000) -> dict[str, Path]:
     """Shards for both sizes under `work` (kept between runs): `images` Fashion-MNIST images
     (from the IDX files in `fmnist`, carried, or Debian's dataset-fashion-mnist; digits where
@@ -112,7 +99,7 @@ def prepare_data(work: Path, fmnist: Path, images: int = 10_000) -> dict[str, Pa
     small = work / "small"
     if not (small / "manifest.json").is_file():
         roots = [r for r in (fmnist, FASHION_MNIST_DIR) if (r / IDX).is_file()]
-        source = _head(fashion_mnist(roots[0]), images) if roots else digits()
+        source = head(fashion_mnist(roots[0]), images) if roots else digits()
         write_shards(source, small, samples_per_shard=2000, overwrite=True)
     jpeg = work / "jpeg"
     if not (jpeg / "manifest.json").is_file():
@@ -154,40 +141,6 @@ def case_config(model: dict[str, Any], method: str, prec: str, stage: int, data:
     )
 
 
-class Timer(Hook):
-    """Starts the clock after `warmup` optimizer steps (the device synchronised), then counts
-    images; the phase sums and peak memory are taken over the timed steps only."""
-
-    def __init__(self, warmup: int, clock: PhaseClock, device: torch.device) -> None:
-        self.warmup, self.clock, self.device = warmup, clock, device
-        self.start = time.perf_counter()
-        self.images = self.steps = 0
-        self.losses: list[float] = []
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
-    def after_step(self, state, out) -> None:
-        self.losses.append(out.loss.item())
-        if out.step == self.warmup:
-            self._sync()
-            self.clock.take()
-            if self.device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(self.device)
-            self.start, self.images, self.steps = time.perf_counter(), 0, 0
-        elif out.step > self.warmup:
-            self.images += out.images
-            self.steps += 1
-
-    def result(self) -> dict[str, Any]:
-        self._sync()
-        seconds = time.perf_counter() - self.start
-        phases = self.clock.take()
-        per_step = {f"{p}_ms": 1e3 * phases.get(p, 0.0) / max(self.steps, 1) for p in PHASES}
-        return {"seconds": seconds, "images_s": self.images / seconds, **per_step}
-
-
 def run_case(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict[str, Any]:
     shards = open_shards(cfg.data)
     torch.manual_seed(cfg.run.seed)
@@ -196,24 +149,9 @@ def run_case(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict
     engine = zero.build_engine(method, cfg.zero, cfg.optim, cfg.data.batch_size, 1, cfg.optim.lr)
     clock = PhaseClock(device=device)
     timer = Timer(warmup, clock, device)
-    crops = getattr(inputs, "crop_scale", None)  # as the worker: crops cut in the loader
     try:
-        run_steps(
-            DeepSpeedBackend(engine, clock),
-            inputs,
-            lambda epoch: stream(
-                cfg.data, 0, 1, epoch, cfg.run.seed, shards=shards, crop_scale=crops
-            ),
-            Schedule(warmup + steps, cfg.optim.lr),
-            Position(),
-            [timer],
-            seed=lambda epoch, i: view_seed(cfg.run.seed, epoch, i, 0),
-            clock=clock,
-        )
-        out = timer.result()
-        if not all(math.isfinite(v) for v in timer.losses):
-            raise FloatingPointError(f"non-finite loss: {timer.losses}")
-        out["last_loss"] = timer.losses[-1]
+        backend = DeepSpeedBackend(engine, clock)
+        out = timer.run(cfg, backend, inputs, shards, steps, cfg.optim.lr)
         if device.type == "cuda":
             out["peak_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         return out
@@ -242,13 +180,23 @@ def bf16_peak_tflops(device: torch.device) -> float:
 
 
 def run_cases(
-    device: torch.device, data: dict[str, Path], peak: float, steps: int, warmup: int
+    device: torch.device,
+    data: dict[str, Path],
+    peak: float,
+    steps: int,
+    warmup: int,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda rows: None,
+    only: tuple[str, ...] = (),
 ) -> list[dict[str, Any]]:
-    """Every case in turn (a failed case is a row with its error); each row printed as it ends."""
+    """Every case in turn (a failed case is a row with its error); each row printed as it ends,
+    and `on_row` called with the rows so far (the JSON is rewritten after every case, so a run
+    cut short by a time limit keeps what it measured)."""
     rows: list[dict[str, Any]] = []
     flops: dict[tuple[str, str], float] = {}
     models = _models(device.type)
     for name, method, prec, stage in itertools.product(models, METHODS, PRECISIONS, STAGES):
+        if only and not {name, method, prec, f"zero{stage}"} & set(only):
+            continue
         model = models[name]
         cfg = case_config(model, method, prec, stage, data[model["data"]])
         row: dict[str, Any] = {
@@ -270,6 +218,7 @@ def run_cases(
             row["status"] = f"FAILED: {type(e).__name__}: {e}"[:200]
         rows.append(row)
         print(table([row], COLUMNS).splitlines()[-1], flush=True)
+        on_row(rows)
     return rows
 
 
@@ -281,6 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("work/gpu-check"))
     p.add_argument("--fmnist", type=Path, default=Path(".gpu/fashion-mnist"), help="IDX files")
     p.add_argument("--out", type=Path, default=Path("bench-results/gpu_check.json"))
+    p.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="NAME",
+        help="run only the cases naming one of these (a model such as resnet50-224px, a method, "
+        "bf16 / fp32, zero0 / zero2); default every case (about 30 s each on one H200)",
+    )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here (use --device cpu to rehearse)", file=sys.stderr)
@@ -297,16 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     data = prepare_data(args.work, args.fmnist, 10_000 if device.type == "cuda" else 500)
     peak = bf16_peak_tflops(device)
     print(f"bf16 matmul peak measured: {peak:.1f} TFLOP/s", flush=True)
-    with single_rank_group(device):
-        rows = run_cases(device, data, peak, args.steps, warmup)
-    print(table(rows, COLUMNS))
     extra = {
         "steps": args.steps,
         "warmup": warmup,
         "bf16_peak_tflop_s": peak,
         "device": str(device),
     }
-    write(args.out, "gpu_check", rows, extra)
+    with single_rank_group(device):
+        rows = run_cases(
+            device,
+            data,
+            peak,
+            args.steps,
+            warmup,
+            lambda done: write(args.out, "gpu_check", done, {**extra, "complete": False}),
+            tuple(args.only),
+        )
+    print(table(rows, COLUMNS))
+    write(args.out, "gpu_check", rows, {**extra, "complete": True})
     failed = [r for r in rows if r["status"] != "ok"]
     print(f"{len(rows) - len(failed)} of {len(rows)} cases ok; JSON: {args.out}")
     return 1 if failed else 0

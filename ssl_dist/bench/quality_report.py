@@ -14,34 +14,36 @@ EXPERIMENT = "ssl-dist-bench"
 
 
 def plot(
-    out: Path, curves: dict[str, list[dict[str, Any]]], lines: dict[str, float], title: str
+    out: Path,
+    curves: dict[str, list[dict[str, Any]]],
+    lines: dict[str, dict[str, float]],
+    title: str,
 ) -> Path:
-    """Probe top-1 (solid) and kNN top-1 (dashed) against training minutes, with baselines."""
+    """Two panels, linear probe and kNN top-1 against training minutes: one line per method,
+    the baselines (`lines`: name -> its ``probe_top1`` / ``knn_top1``) as horizontal rules."""
     import matplotlib  # heavy (a second): only for the plot at the end
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name, rows in curves.items():
-        t = [r["train_s"] / 60 for r in rows]
-        (line,) = ax.plot(t, [100 * r["probe_top1"] for r in rows], "o-", label=f"{name} probe")
-        ax.plot(
-            t,
-            [100 * r["knn_top1"] for r in rows],
-            "x--",
-            color=line.get_color(),
-            alpha=0.6,
-            label=f"{name} kNN",
-        )
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True)
     styles = ["k:", "r-.", "g--", "b:", "m-."]
-    for (name, value), style in zip(lines.items(), styles * 3, strict=False):
-        ax.axhline(100 * value, linestyle=style[1:], color=style[0], linewidth=1, label=name)
-    ax.set_xlabel("pretraining wall-clock (min)")
-    ax.set_ylabel("top-1 on the 10k test set (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    panels = (("probe_top1", "linear probe"), ("knn_top1", "kNN (k=20)"))
+    for ax, (metric, name) in zip(axes, panels, strict=True):
+        for method, rows in curves.items():
+            t = [r["train_s"] / 60 for r in rows]
+            ax.plot(t, [100 * r[metric] for r in rows], "o-", label=method)
+        for (base, values), style in zip(lines.items(), styles * 3, strict=False):
+            if metric in values:
+                ax.axhline(
+                    100 * values[metric], linestyle=style[1:], color=style[0], lw=1, label=base
+                )
+        ax.set_xlabel("pretraining wall-clock (min)")
+        ax.set_title(name, fontsize=9)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("top-1 on the 10k test set (%)")
+    axes[1].legend(fontsize=7, loc="lower right")
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

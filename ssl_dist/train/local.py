@@ -26,6 +26,9 @@ class LocalResult:
     losses: list[float] = field(default_factory=list)
     knn_init: float | None = None
     knn_final: float | None = None
+    scores_init: dict[str, float] = field(default_factory=dict)
+    scores_final: dict[str, float] = field(default_factory=dict)
+    """What `evaluate` returned for the encoder before and after training."""
     images_per_s: float = 0.0
     steps: int = 0
 
@@ -34,8 +37,10 @@ def run_local(
     cfg: Config,
     knn: bool = True,
     on_step: Callable[[int, float, dict], None] | None = None,
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None = None,
 ) -> LocalResult:
-    """Train ``cfg`` in this process for its planned steps; kNN accuracy before and after."""
+    """Train ``cfg`` in this process for its planned steps; kNN accuracy before and after, and
+    `evaluate` (given the encoder, e.g. a linear probe) before and after."""
     torch.set_num_threads(cfg.scaling.cpus_per_worker)
     shards = open_shards(cfg.data)
     plan = plan_steps(cfg, shards, world_size=1)
@@ -49,6 +54,8 @@ def run_local(
     views = getattr(inputs, "views", None)
     if knn and views is not None:
         result.knn_init = knn_accuracy(method.encoder, cfg.data, views, num_classes)
+    if evaluate is not None:
+        result.scores_init = evaluate(method.encoder)
     recorder = Recorder(on_step)
     crops = getattr(inputs, "crop_scale", None)  # two-view tasks: crops cut in the loader
     start = time.perf_counter()
@@ -66,4 +73,6 @@ def run_local(
     result.losses, result.steps = recorder.losses, state.step
     if knn and views is not None:
         result.knn_final = knn_accuracy(method.encoder, cfg.data, views, num_classes)
+    if evaluate is not None:
+        result.scores_final = evaluate(method.encoder)
     return result

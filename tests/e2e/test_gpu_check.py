@@ -46,5 +46,6 @@ def test_gpu_check_rehearsal_on_cpu(tmp_path: Path) -> None:
         assert r["status"] == "ok", r
         assert r["images_s"] > 0 and r["tflop_s"] > 0
         assert all(r[f"{p}_ms"] > 0 for p in ("inputs", "forward", "backward", "optimizer")), r
+    assert doc["complete"] is True  # rewritten after every case, marked complete at the end
     assert doc["bf16_peak_tflop_s"] > 0 and doc["machine"]["cpu_capability"]
     assert "cases ok" in proc.stdout and "| model" in proc.stdout

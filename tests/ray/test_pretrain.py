@@ -26,7 +26,8 @@ def _final(result: tuple) -> Path:
 # method x stage math is covered without Ray in tests/dist (plus moco_v2 / ZeRO-2 below).
 # Rotation prediction is not a two-view method: it builds its own inputs (four rotations of
 # one view) and trains through the same runtime and worker loop. DINO runs with multi-crop: the
-# loader cuts 2 local crops of 8 px per image besides the 2 global ones.
+# loader cuts 2 local crops of 8 px per image besides the 2 global ones. SimMIM, the masked task
+# for ResNets, reads one crop per image.
 METHOD_OVERRIDES = {
     "dino": [
         "method.dino.out_dim=64",
@@ -60,6 +61,7 @@ METHOD_OVERRIDES = {
         ("rotation", 2),
         ("dino", 2),
         ("mae", 3),
+        ("simmim", 1),
     ],
 )
 def test_pretrain_two_workers(local_ray, tiny_cfg, method, stage):
