@@ -19,10 +19,10 @@ does on its core, without Ray's own processes. Variants:
 
 Each variant runs in a child process of its own (spawned), so that one that crashes the
 interpreter is a row saying so, not the end of the bench: training the thin ResNet in
-channels-last layout on this machine's torch 2.14.1 CPU build aborts within a few steps with
-glibc's "corrupted size vs. prev_size" / "double free or corruption" (and so did inductor with
-its default layout optimisation), while single convolution, BN and pooling layers in channels-last
-do not.
+channels-last layout on our torch 2.14.1 CPU build (AVX2) can abort with glibc's "corrupted
+size vs. prev_size" / "double free or corruption" (every time at the tiny test widths, not in a
+run at the Fashion-MNIST recipe's; inductor's default layout optimisation did the same), while
+single convolution, BN and pooling layers in channels-last do not.
 
 The table gives images/s, the ratio to ``eager``, the step split (data wait, inputs, forward,
 backward, optimizer) and the warm-up seconds. Writes ``bench-results/efficiency.json``.

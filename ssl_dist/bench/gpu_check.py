@@ -195,7 +195,7 @@ def run_cases(
     flops: dict[tuple[str, str], float] = {}
     models = _models(device.type)
     for name, method, prec, stage in itertools.product(models, METHODS, PRECISIONS, STAGES):
-        if only and not {name, method, prec, f"zero{stage}"} & set(only):
+        if not set(only) <= {name, method, prec, f"zero{stage}"}:
             continue
         model = models[name]
         cfg = case_config(model, method, prec, stage, data[model["data"]])
@@ -235,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=(),
         metavar="NAME",
-        help="run only the cases naming one of these (a model such as resnet50-224px, a method, "
-        "bf16 / fp32, zero0 / zero2); default every case (about 30 s each on one H200)",
+        help="run only the cases that all of these name (a model such as resnet50-224px, a "
+        "method, bf16 / fp32, zero0 / zero2); default every case (about 30 s each on one H200)",
     )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
