@@ -165,14 +165,14 @@ def bench_quality(
 
     Needs Debian's dataset-fashion-mnist (exit 2 naming it when missing). At the default budget
     the whole bench takes about 2 x budget + 10 minutes (pretraining, supervised, probes)."""
-    from ssl_dist.bench.quality import METHODS, run  # heavy: torch, MLflow and Ray
+    from ssl_dist.bench.quality import KNOWN, METHODS, run  # heavy: torch, MLflow and Ray
 
     names = {"all": METHODS, "both": ("simclr", "moco_v3")}.get(method, method.split(","))
-    unknown = [m for m in names if m not in (*METHODS, "mae")]
+    unknown = [m for m in names if m not in KNOWN]
     if unknown or not names:
         raise ConfigError(
-            f"--method: unknown {unknown or method!r}; choose from {', '.join(METHODS)}, mae, "
-            "all, or a comma-separated list"
+            f"--method: unknown {unknown or method!r}; choose from {', '.join(KNOWN)}, all, "
+            "or a comma-separated list"
         )
     os.environ.setdefault("SSL_DIST_NO_PROGRESS", "1")
     run(

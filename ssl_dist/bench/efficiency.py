@@ -30,7 +30,6 @@ backward, optimizer) and the warm-up seconds. Writes ``bench-results/efficiency.
 
 from __future__ import annotations
 
-import gc
 import multiprocessing as mp
 import queue
 import signal
@@ -73,22 +72,16 @@ def run_variant(cfg: Config, variant: str, steps: int, warmup: int) -> dict[str,
         method = method.to(memory_format=torch.channels_last)
     inputs = method.make_inputs(cfg, shards.manifest, cpu)
     optimizer = build_optimizer(param_groups(method, cfg.optim.weight_decay), cfg.optim, 0.1)
-    # torch.compile of a module returns a module (its OptimizedModule wrapper).
+    module: nn.Module = method
     if "compile" in variant:
         import torch._inductor.config as inductor
 
         inductor.layout_optimization = "channels_last" in variant
-    module = cast(nn.Module, torch.compile(method)) if "compile" in variant else method
+        module = cast(nn.Module, torch.compile(method))  # a module (OptimizedModule) comes back
     clock = PhaseClock(device=cpu)
-    timer = Timer(warmup, clock, cpu)
-    try:
-        backend = TorchBackend(module, optimizer, clock=clock, precision=prec)
-        return {**timer.run(cfg, backend, inputs, shards, steps, 0.1), "precision": prec}
-    finally:
-        del module, method
-        gc.collect()
-        if "compile" in variant:
-            torch._dynamo.reset()
+    timer = Timer(warmup, clock, cpu)  # no clean-up after: each variant has its own process
+    backend = TorchBackend(module, optimizer, clock=clock, precision=prec)
+    return {**timer.run(cfg, backend, inputs, shards, steps, 0.1), "precision": prec}
 
 
 def _child(cfg: Config, variant: str, steps: int, warmup: int, threads: int, q: Any) -> None:

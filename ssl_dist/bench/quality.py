@@ -27,34 +27,38 @@ the stem plus the strided 1x1 shortcuts. The supervised run starts from the same
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import typer
 
 from ssl_dist import tracking
+from ssl_dist.bench.budget import (
+    CALIBRATION_STEPS,
+    CHECKPOINTS,
+    Pretrained,
+    calibrate,
+    plan_budget,
+    pretrain_for,
+)
 from ssl_dist.bench.features import Evaluator, checkpoint_encoder, train_supervised
 from ssl_dist.bench.quality_report import log_mlflow, plot
 from ssl_dist.bench.report import table, write
 from ssl_dist.config import Config, ConfigError, load_config
 from ssl_dist.data.shards import MANIFEST, read_manifest, write_shards
 from ssl_dist.data.sources import FASHION_MNIST_DIR, fashion_mnist
-from ssl_dist.data.stream import open_shards
 from ssl_dist.evaluate.source import DEFAULT_STORAGE
-from ssl_dist.train.checkpoint import STATE, TrainState, is_complete
-from ssl_dist.train.driver import build_trainer, connect, pretrain, resolve_paths
-from ssl_dist.train.parts import plan_steps
 
 RECIPE = Path("launch/recipes/fashion-mnist-cpu.yaml")
 METHODS = ("simclr", "moco_v2", "moco_v3", "byol", "rotation", "simmim", "dino")
 """What ``--method all`` runs: every method that trains the recipe's ResNet. MAE needs a ViT
 encoder; on a ResNet recipe masked completion is SimMIM (pass ``mae`` with a ViT recipe)."""
+KNOWN = (*METHODS, "mae")
+"""Every method the bench accepts by name."""
 METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
     # DINO: a head of K = 256 (the recipe's 65536 would be most of the step at this width) and
     # AdamW as in its reference; 2 local crops of 12 px beside the 2 global 28 px ones.
@@ -89,14 +93,6 @@ IDX_FILES = (
     "t10k-images-idx3-ubyte",
     "t10k-labels-idx1-ubyte",
 )
-CHECKPOINTS = 4
-"""Pretraining checkpoints per run (the probe curve's points after random init)."""
-CALIBRATION_STEPS = 12
-"""Steps of the calibration run: 5 warm-up steps (not timed by the loop) + 7 timed."""
-CHECKPOINT_S = 1.5
-"""Allowance per extra checkpoint when planning steps (DeepSpeed save + Ray persist)."""
-FINAL_SAVE_S = 5.0
-"""Seconds kept back from the budget for the last step and checkpoint after the time limit."""
 COLUMNS = [
     "encoder",
     "method",
@@ -143,7 +139,7 @@ def prepare_shards(work: Path, root: Path, samples_per_shard: int = 1000) -> Pat
     return (out / MANIFEST).resolve()
 
 
-# ---------------------------------------------------------------- pretraining on a time budget
+# ---------------------------------------------------------------- the recipe per method
 
 
 def bench_config(
@@ -171,112 +167,6 @@ def bench_config(
     if tracking_uri:
         cfg.tracking.uri = tracking_uri
     return cfg
-
-
-@dataclass
-class Calibration:
-    step_s: float
-    """Seconds per optimizer step after warm-up (the loop's own steady-state clock)."""
-    startup_s: float
-    """Seconds of a run outside its timed steps: worker start, warm-up, checkpoint, teardown."""
-    wall_s: float
-    steps: int
-
-
-def calibrate(cfg: Config, steps: int = CALIBRATION_STEPS) -> Calibration:
-    """A short Ray run of `cfg` (tracking off, its own run name)."""
-    c = cfg.model_copy(deep=True)
-    c.tracking.enabled = False
-    c.run.name = f"{cfg.run.name}-calibration"
-    c.run.max_steps, c.run.checkpoint_every, c.run.log_every = steps, steps, steps
-    c = resolve_paths(c)
-    connect(c)
-    start = time.perf_counter()
-    metrics = build_trainer(c).fit().metrics or {}
-    wall = time.perf_counter() - start
-    step_s = float(metrics.get("step_ms", 0.0)) / 1e3
-    if step_s <= 0:
-        raise RuntimeError(f"calibration run reported no step time: {metrics}")
-    return Calibration(step_s, max(0.0, wall - steps * step_s), wall, steps)
-
-
-def plan_budget(
-    budget_s: float, cal: Calibration, checkpoints: int = CHECKPOINTS
-) -> tuple[int, int]:
-    """``(max_steps, checkpoint_every)`` so that a run takes about `budget_s` wall-clock."""
-    usable = budget_s - cal.startup_s - CHECKPOINT_S * (checkpoints - 1)
-    steps = max(checkpoints, int(usable / cal.step_s))
-    every = max(1, math.ceil(steps / checkpoints))
-    return steps, every
-
-
-@dataclass
-class Point:
-    step: int
-    seconds: float
-    """Wall-clock seconds from the start of the run to this checkpoint."""
-    path: Path | None
-
-
-@dataclass
-class Pretrained:
-    method: str
-    cfg: Config
-    points: list[Point]
-    wall_s: float
-    metrics: dict[str, Any] = field(default_factory=dict)
-    max_steps: int = 0
-    epochs: float = 0.0
-    stopped: str | None = None
-    """Why the run stopped before `max_steps` (its last checkpoint's ``stopped``)."""
-
-
-def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:
-    """``(step, dir, mtime of its train state)`` of every complete checkpoint, by step."""
-    found = []
-    for d in run_dir.glob("checkpoint_*"):
-        if is_complete(d):
-            found.append((TrainState.read(d).step, d, (d / STATE).stat().st_mtime))
-    return sorted(found, key=lambda t: t[0])
-
-
-def pretrain_for(
-    cfg: Config, budget_s: float, cal: Calibration, checkpoints: int = CHECKPOINTS
-) -> Pretrained:
-    """Pretrain `cfg` on Ray for about `budget_s` seconds (through ``ssl-dist pretrain``'s
-    driver: MLflow run, checkpoint artifacts, registered encoder)."""
-    steps, every = plan_budget(budget_s, cal, checkpoints)
-    c = cfg.model_copy(deep=True)
-    c.run.max_steps, c.run.checkpoint_every = steps, every
-    # The plan usually ends the schedule in time; the limit holds the budget when the
-    # calibration was optimistic (a stop then leaves the schedule's tail unrun, reported).
-    # A budget too small for the shortest run (start-up plus CHECKPOINTS steps) gets no limit:
-    # it runs those steps.
-    if steps > checkpoints:
-        c.run.time_limit_s = budget_s - FINAL_SAVE_S
-    c.run.num_to_keep = max(c.run.num_to_keep, checkpoints + 2)
-    c.run.epochs = max(c.run.epochs, 10_000)  # max_steps decides
-    workers = c.scaling.num_workers
-    plan = plan_steps(c, open_shards(c.data), workers if isinstance(workers, int) else workers[0])
-    start_wall = time.time()
-    start = time.perf_counter()
-    _, metrics = pretrain(c)
-    wall = time.perf_counter() - start
-    run_dir = Path(c.run.storage_path).expanduser().resolve() / c.run.name
-    points = [Point(0, 0.0, None)]
-    points += [Point(s, max(0.0, t - start_wall), d) for s, d, t in list_checkpoints(run_dir)]
-    n_train = plan.steps_per_epoch * plan.global_batch
-    last = points[-1].path
-    return Pretrained(
-        c.method.name,
-        c,
-        points,
-        wall,
-        metrics,
-        steps,
-        steps * plan.global_batch / max(n_train, 1),
-        TrainState.read(last).stopped if last else None,
-    )
 
 
 # ---------------------------------------------------------------- the bench
@@ -309,8 +199,8 @@ def run(
     """Run the whole bench; return the JSON document (also written to `out`)."""
     require_fashion_mnist(input_dir)
     for m in methods:
-        if m not in (*METHODS, "mae"):
-            raise ConfigError(f"unknown method {m!r}: choose from {[*METHODS, 'mae']}")
+        if m not in KNOWN:
+            raise ConfigError(f"unknown method {m!r}: choose from {list(KNOWN)}")
     if checkpoints < 1:
         raise ConfigError(f"checkpoints must be at least 1, got {checkpoints}")
     budget_s = 60.0 * budget_min

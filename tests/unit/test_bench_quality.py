@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ssl_dist.bench import features, quality, scaling
+from ssl_dist.bench import budget, features, quality, scaling
 from ssl_dist.config import Config
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
@@ -54,11 +54,11 @@ def test_prepared_shards_are_cached(fake, tmp_path):
 
 @pytest.mark.unit
 def test_plan_budget_fits_steps_and_checkpoints_to_the_time():
-    cal = quality.Calibration(step_s=0.5, startup_s=20.0, wall_s=26.0, steps=12)
-    steps, every = quality.plan_budget(120.0, cal)
-    assert steps == int((120 - 20 - 3 * quality.CHECKPOINT_S) / 0.5)
-    assert every * (quality.CHECKPOINTS - 1) < steps <= every * quality.CHECKPOINTS
-    assert quality.plan_budget(1.0, cal) == (quality.CHECKPOINTS, 1)  # never below one per point
+    cal = budget.Calibration(step_s=0.5, startup_s=20.0, wall_s=26.0, steps=12)
+    steps, every = budget.plan_budget(120.0, cal)
+    assert steps == int((120 - 20 - 3 * budget.CHECKPOINT_S) / 0.5)
+    assert every * (budget.CHECKPOINTS - 1) < steps <= every * budget.CHECKPOINTS
+    assert budget.plan_budget(1.0, cal) == (budget.CHECKPOINTS, 1)  # never below one per point
 
 
 @pytest.mark.unit

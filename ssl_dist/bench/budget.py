@@ -1,0 +1,133 @@
+"""Pretraining on a wall-clock budget, for `bench quality`: a short calibration run measures the
+step time and start-up cost, then ``run.max_steps`` is fitted to the budget (so the schedule ends
+when the time does) with a checkpoint at each probe point, and ``run.time_limit_s`` holds the
+budget when the calibration was optimistic."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ssl_dist.config import Config
+from ssl_dist.data.stream import open_shards
+from ssl_dist.train.checkpoint import STATE, TrainState, is_complete
+from ssl_dist.train.driver import build_trainer, connect, pretrain, resolve_paths
+from ssl_dist.train.parts import plan_steps
+
+CHECKPOINTS = 4
+"""Pretraining checkpoints per run (the probe curve's points after random init)."""
+CALIBRATION_STEPS = 12
+"""Steps of the calibration run: 5 warm-up steps (not timed by the loop) + 7 timed."""
+CHECKPOINT_S = 1.5
+"""Allowance per extra checkpoint when planning steps (DeepSpeed save + Ray persist)."""
+FINAL_SAVE_S = 5.0
+"""Seconds kept back from the budget for the last step and checkpoint after the time limit."""
+
+
+@dataclass
+class Calibration:
+    step_s: float
+    """Seconds per optimizer step after warm-up (the loop's own steady-state clock)."""
+    startup_s: float
+    """Seconds of a run outside its timed steps: worker start, warm-up, checkpoint, teardown."""
+    wall_s: float
+    steps: int
+
+
+def calibrate(cfg: Config, steps: int = CALIBRATION_STEPS) -> Calibration:
+    """A short Ray run of `cfg` (tracking off, its own run name)."""
+    c = cfg.model_copy(deep=True)
+    c.tracking.enabled = False
+    c.run.name = f"{cfg.run.name}-calibration"
+    c.run.max_steps, c.run.checkpoint_every, c.run.log_every = steps, steps, steps
+    c = resolve_paths(c)
+    connect(c)
+    start = time.perf_counter()
+    metrics = build_trainer(c).fit().metrics or {}
+    wall = time.perf_counter() - start
+    step_s = float(metrics.get("step_ms", 0.0)) / 1e3
+    if step_s <= 0:
+        raise RuntimeError(f"calibration run reported no step time: {metrics}")
+    return Calibration(step_s, max(0.0, wall - steps * step_s), wall, steps)
+
+
+def plan_budget(
+    budget_s: float, cal: Calibration, checkpoints: int = CHECKPOINTS
+) -> tuple[int, int]:
+    """``(max_steps, checkpoint_every)`` so that a run takes about `budget_s` wall-clock."""
+    usable = budget_s - cal.startup_s - CHECKPOINT_S * (checkpoints - 1)
+    steps = max(checkpoints, int(usable / cal.step_s))
+    every = max(1, math.ceil(steps / checkpoints))
+    return steps, every
+
+
+@dataclass
+class Point:
+    step: int
+    seconds: float
+    """Wall-clock seconds from the start of the run to this checkpoint."""
+    path: Path | None
+
+
+@dataclass
+class Pretrained:
+    method: str
+    cfg: Config
+    points: list[Point]
+    wall_s: float
+    metrics: dict[str, Any] = field(default_factory=dict)
+    max_steps: int = 0
+    epochs: float = 0.0
+    stopped: str | None = None
+    """Why the run stopped before `max_steps` (its last checkpoint's ``stopped``)."""
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:
+    """``(step, dir, mtime of its train state)`` of every complete checkpoint, by step."""
+    found = []
+    for d in run_dir.glob("checkpoint_*"):
+        if is_complete(d):
+            found.append((TrainState.read(d).step, d, (d / STATE).stat().st_mtime))
+    return sorted(found, key=lambda t: t[0])
+
+
+def pretrain_for(
+    cfg: Config, budget_s: float, cal: Calibration, checkpoints: int = CHECKPOINTS
+) -> Pretrained:
+    """Pretrain `cfg` on Ray for about `budget_s` seconds (through ``ssl-dist pretrain``'s
+    driver: MLflow run, checkpoint artifacts, registered encoder)."""
+    steps, every = plan_budget(budget_s, cal, checkpoints)
+    c = cfg.model_copy(deep=True)
+    c.run.max_steps, c.run.checkpoint_every = steps, every
+    # The plan usually ends the schedule in time; the limit holds the budget when the
+    # calibration was optimistic (a stop then leaves the schedule's tail unrun, reported).
+    # A budget too small for the shortest run (start-up plus CHECKPOINTS steps) gets no limit:
+    # it runs those steps.
+    if steps > checkpoints:
+        c.run.time_limit_s = budget_s - FINAL_SAVE_S
+    c.run.num_to_keep = max(c.run.num_to_keep, checkpoints + 2)
+    c.run.epochs = max(c.run.epochs, 10_000)  # max_steps decides
+    workers = c.scaling.num_workers
+    plan = plan_steps(c, open_shards(c.data), workers if isinstance(workers, int) else workers[0])
+    start_wall = time.time()
+    start = time.perf_counter()
+    _, metrics = pretrain(c)
+    wall = time.perf_counter() - start
+    run_dir = Path(c.run.storage_path).expanduser().resolve() / c.run.name
+    points = [Point(0, 0.0, None)]
+    points += [Point(s, max(0.0, t - start_wall), d) for s, d, t in list_checkpoints(run_dir)]
+    n_train = plan.steps_per_epoch * plan.global_batch
+    last = points[-1].path
+    return Pretrained(
+        c.method.name,
+        c,
+        points,
+        wall,
+        metrics,
+        steps,
+        steps * plan.global_batch / max(n_train, 1),
+        TrainState.read(last).stopped if last else None,
+    )
