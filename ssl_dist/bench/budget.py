@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -131,3 +132,45 @@ def pretrain_for(
         steps * plan.global_batch / max(n_train, 1),
         TrainState.read(last).stopped if last else None,
     )
+
+
+def with_seed(cfg: Config, seed: int) -> Config:
+    """`cfg` with ``run.seed`` = `seed` and a run name that says so."""
+    c = cfg.model_copy(deep=True)
+    c.run.seed, c.run.name = seed, f"{cfg.run.name}-seed{seed}"
+    return c
+
+
+def pretrain_all(
+    cfgs: dict[str, Config],
+    budget_s: float,
+    checkpoints: int,
+    cals: dict[str, Calibration],
+    phases: dict[str, float],
+    say: Callable[[str], None] = print,
+) -> list[Pretrained]:
+    """Each config in turn on Ray for `budget_s` (`cfgs`: a name for its phases -> config); a
+    method not in `cals` is calibrated first (and added). Ray is shut down at the end."""
+    runs: list[Pretrained] = []
+    try:
+        for key, cfg in cfgs.items():
+            m = cfg.method.name
+            if m not in cals:
+                say(f"{m}: calibrating ({CALIBRATION_STEPS} steps)")
+                t = time.perf_counter()
+                cals[m] = calibrate(cfg)
+                phases[f"{m}_calibrate_s"] = time.perf_counter() - t
+            steps, _ = plan_budget(budget_s, cals[m], checkpoints)
+            say(
+                f"{key}: {cals[m].step_s * 1e3:.0f} ms/step, start-up {cals[m].startup_s:.0f}s "
+                f"-> {steps} steps in {budget_s / 60:g} min"
+            )
+            t = time.perf_counter()
+            runs.append(pretrain_for(cfg, budget_s, cals[m], checkpoints))
+            phases[f"{key}_pretrain_s"] = time.perf_counter() - t
+    finally:
+        import ray  # heavy (seconds); connect() started it
+
+        if ray.is_initialized():
+            ray.shutdown()
+    return runs

@@ -156,6 +156,14 @@ def bench_quality(
     eval_threads: Annotated[
         int, typer.Option(min=1, help="Threads for the probes (they run after pretraining).")
     ] = 1,
+    seeds: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Runs of the best method, each with its own seed (run.seed, +1, ...): 2 or more "
+            "reports the spread between seeds; 1 skips the extra budget.",
+        ),
+    ] = 2,
 ) -> None:
     """Fashion-MNIST representation quality in a wall-clock budget vs pixels, init, supervised.
 
@@ -164,7 +172,8 @@ def bench_quality(
     same budget. Table, JSON, PNG, MLflow.
 
     Needs Debian's dataset-fashion-mnist (exit 2 naming it when missing). At the default budget
-    the whole bench takes about 2 x budget + 10 minutes (pretraining, supervised, probes)."""
+    the whole bench takes about (methods + 2) x budget + 10 minutes (pretraining, the best
+    method's second seed, supervised, probes)."""
     from ssl_dist.bench.quality import KNOWN, METHODS, run  # heavy: torch, MLflow and Ray
 
     names = {"all": METHODS, "both": ("simclr", "moco_v3")}.get(method, method.split(","))
@@ -187,6 +196,7 @@ def bench_quality(
         tracking_uri=tracking_uri,
         checkpoints=checkpoints,
         eval_threads=eval_threads,
+        seeds=seeds,
     )
 
 

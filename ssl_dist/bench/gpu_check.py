@@ -36,8 +36,8 @@ from typing import Any
 import torch
 
 from ssl_dist import precision
-from ssl_dist.bench.report import machine_line, table, write
-from ssl_dist.bench.scaling import matmul_gflops, model_flops
+from ssl_dist.bench.report import machine_line, matmul_gflops, table, write
+from ssl_dist.bench.scaling import model_flops
 from ssl_dist.bench.timed import PHASES, Timer
 from ssl_dist.config import Config
 from ssl_dist.data.shards import write_shards

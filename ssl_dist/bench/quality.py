@@ -34,23 +34,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import typer
-
 from ssl_dist import tracking
 from ssl_dist.bench.budget import (
-    CALIBRATION_STEPS,
     CHECKPOINTS,
+    Calibration,
     Pretrained,
-    calibrate,
-    plan_budget,
-    pretrain_for,
+    pretrain_all,
+    with_seed,
 )
 from ssl_dist.bench.features import Evaluator, checkpoint_encoder, train_supervised
+from ssl_dist.bench.fmnist import prepare_shards, require_fashion_mnist
 from ssl_dist.bench.quality_report import log_mlflow, plot
-from ssl_dist.bench.report import table, write
+from ssl_dist.bench.report import matmul_peaks, table, write
 from ssl_dist.config import Config, ConfigError, load_config
-from ssl_dist.data.shards import MANIFEST, read_manifest, write_shards
-from ssl_dist.data.sources import FASHION_MNIST_DIR, fashion_mnist
+from ssl_dist.data.sources import FASHION_MNIST_DIR
 from ssl_dist.evaluate.source import DEFAULT_STORAGE
 
 RECIPE = Path("launch/recipes/fashion-mnist-cpu.yaml")
@@ -87,18 +84,13 @@ METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
     ),
 }
 """Each method's changes to the recipe (before the user's ``--override``s, which win)."""
-IDX_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
 COLUMNS = [
     "encoder",
     "method",
     "train_s",
     "step",
     "epochs",
+    "seed",
     "probe_top1",
     "knn_top1",
     "probe_wd",
@@ -106,37 +98,6 @@ COLUMNS = [
     "vs_init",
     "images_s",
 ]
-
-
-def missing_idx(root: Path) -> list[str]:
-    """Fashion-MNIST IDX files (plain or .gz) not found in `root`."""
-    return [n for n in IDX_FILES if not any((root / f"{n}{s}").is_file() for s in ("", ".gz"))]
-
-
-def require_fashion_mnist(root: Path) -> None:
-    """Exit 2 with one line when the IDX files are missing (nothing is installed)."""
-    missing = missing_idx(root)
-    if missing:
-        typer.echo(
-            f"error: Fashion-MNIST not found in {root} (missing {', '.join(missing)}): "
-            "install it with `sudo apt-get install dataset-fashion-mnist`, or pass --input DIR",
-            err=True,
-        )
-        raise typer.Exit(2)
-
-
-def prepare_shards(work: Path, root: Path, samples_per_shard: int = 1000) -> Path:
-    """Fashion-MNIST as shards under ``work/data`` (written once, reused while complete)."""
-    out = work / "data"
-    if (out / MANIFEST).is_file():
-        try:
-            m = read_manifest(out)
-            if m.source == "fashion-mnist" and set(m.splits) >= {"train", "val"}:
-                return (out / MANIFEST).resolve()
-        except (ConfigError, ValueError, OSError, KeyError):
-            pass
-    write_shards(fashion_mnist(root), out, samples_per_shard, overwrite=True)
-    return (out / MANIFEST).resolve()
 
 
 # ---------------------------------------------------------------- the recipe per method
@@ -180,6 +141,35 @@ def _say(msg: str) -> None:
     print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
+def _curve(
+    ev: Evaluator, p: Pretrained, init: dict[str, Any], only_last: bool = False
+) -> list[dict[str, Any]]:
+    """Probe and kNN at each of `p`'s points (random init is `init`), or at its last only."""
+    curve = []
+    for pt in p.points[-1:] if only_last else p.points:
+        scores = init if pt.path is None else ev.encoder(checkpoint_encoder(pt.path), p.cfg)
+        epochs = p.epochs * pt.step / max(p.max_steps, 1)
+        curve.append({"step": pt.step, "train_s": pt.seconds, "epochs": epochs, **scores})
+        _say(
+            f"{p.method} (seed {p.cfg.run.seed}) step {pt.step} ({pt.seconds:.0f}s): probe "
+            f"{scores['probe_top1']:.2%}, kNN {scores['knn_top1']:.2%}"
+        )
+    return curve
+
+
+def _run_row(p: Pretrained, last: dict[str, Any], budget_min: float) -> dict[str, Any]:
+    return _row(
+        f"{p.method} @ {budget_min:g} min",
+        p.method,
+        {k: last[k] for k in last if k not in ("train_s", "step", "epochs")},
+        seed=p.cfg.run.seed,
+        train_s=last["train_s"],
+        step=last["step"],
+        epochs=last["epochs"],
+        images_s=p.metrics.get("images_s"),
+    )
+
+
 def run(
     out: Path = Path("bench-results/quality.json"),
     work: Path = Path("work/bench-quality"),
@@ -195,14 +185,20 @@ def run(
     supervised_threads: int = 2,
     cache_baselines: bool = True,
     checkpoints: int = CHECKPOINTS,
+    seeds: int = 2,
 ) -> dict[str, Any]:
-    """Run the whole bench; return the JSON document (also written to `out`)."""
+    """Run the whole bench; return the JSON document (also written to `out`).
+
+    `seeds` > 1 pretrains the best method (by its last probe) again with ``run.seed`` + 1, ...
+    for the same budget; its rows and ``seed_spread`` give the spread between seeds."""
     require_fashion_mnist(input_dir)
     for m in methods:
         if m not in KNOWN:
             raise ConfigError(f"unknown method {m!r}: choose from {list(KNOWN)}")
     if checkpoints < 1:
         raise ConfigError(f"checkpoints must be at least 1, got {checkpoints}")
+    if seeds < 1:
+        raise ConfigError(f"seeds must be at least 1, got {seeds}")
     budget_s = 60.0 * budget_min
     phases: dict[str, float] = {}
     t = time.perf_counter()
@@ -213,6 +209,8 @@ def run(
     except ValueError as e:
         raise ConfigError(str(e)) from None
     load_before = os.getloadavg()  # recorded: other work on the machine skews every number
+    peak = matmul_peaks()
+    _say(", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + " GFLOP/s (matmul peaks)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfgs = {
         m: bench_config(recipe, manifest, work, m, f"quality-{m}-{stamp}", overrides, uri)
@@ -221,28 +219,9 @@ def run(
     base = next(iter(cfgs.values()))
     workers = base.scaling.num_workers
 
-    runs: list[Pretrained] = []
-    calibrations: dict[str, dict[str, float]] = {}
-    try:
-        for m, cfg in cfgs.items():
-            _say(f"{m}: calibrating ({CALIBRATION_STEPS} steps on {workers} Ray workers)")
-            t = time.perf_counter()
-            cal = calibrate(cfg)
-            phases[f"{m}_calibrate_s"] = time.perf_counter() - t
-            calibrations[m] = {"step_s": cal.step_s, "startup_s": cal.startup_s}
-            steps, _ = plan_budget(budget_s, cal, checkpoints)
-            _say(
-                f"{m}: {cal.step_s * 1e3:.0f} ms/step, start-up {cal.startup_s:.0f}s -> "
-                f"{steps} steps in {budget_min:g} min"
-            )
-            t = time.perf_counter()
-            runs.append(pretrain_for(cfg, budget_s, cal, checkpoints))
-            phases[f"{m}_pretrain_s"] = time.perf_counter() - t
-    finally:
-        import ray  # heavy (seconds); connect() started it
-
-        if ray.is_initialized():
-            ray.shutdown()
+    cals: dict[str, Calibration] = {}
+    runs = pretrain_all(cfgs, budget_s, checkpoints, cals, phases, _say)
+    calibrations = {m: {"step_s": c.step_s, "startup_s": c.startup_s} for m, c in cals.items()}
 
     _say("loading the splits for evaluation")
     ev = Evaluator(base, eval_threads, work / "cache" if cache_baselines else None)
@@ -264,28 +243,33 @@ def run(
     curves: dict[str, list[dict[str, Any]]] = {}
     for p in runs:
         t = time.perf_counter()
-        curve = []
-        for pt in p.points:
-            scores = init if pt.path is None else ev.encoder(checkpoint_encoder(pt.path), p.cfg)
-            epochs = p.epochs * pt.step / max(p.max_steps, 1)
-            curve.append({"step": pt.step, "train_s": pt.seconds, "epochs": epochs, **scores})
-            _say(
-                f"{p.method} step {pt.step} ({pt.seconds:.0f}s): probe "
-                f"{scores['probe_top1']:.2%}, kNN {scores['knn_top1']:.2%}"
-            )
-        curves[p.method] = curve
+        curves[p.method] = _curve(ev, p, init)
         phases[f"{p.method}_probes_s"] = time.perf_counter() - t
-        last = curve[-1]
-        rows.append(
-            _row(
-                f"{p.method} @ {budget_min:g} min",
-                p.method,
-                {k: last[k] for k in last if k not in ("train_s", "step", "epochs")},
-                train_s=last["train_s"],
-                step=last["step"],
-                epochs=last["epochs"],
-                images_s=p.metrics.get("images_s"),
-            )
+        rows.append(_run_row(p, curves[p.method][-1], budget_min))
+
+    spread: dict[str, Any] = {}
+    reruns: list[Pretrained] = []
+    if seeds > 1 and runs:
+        # The best method by its last probe again, with other seeds (its calibration reused).
+        best = max(runs, key=lambda p: curves[p.method][-1]["probe_top1"])
+        m, seed0 = best.method, cfgs[best.method].run.seed
+        again = {f"{m}_seed{seed0 + k}": with_seed(cfgs[m], seed0 + k) for k in range(1, seeds)}
+        _say(f"{m} is best: {len(again)} more run(s) with other seeds")
+        finals = [{**curves[m][-1], "seed": seed0}]
+        reruns = pretrain_all(again, budget_s, checkpoints, cals, phases, _say)
+        for key, p in zip(again, reruns, strict=True):
+            t = time.perf_counter()
+            last = _curve(ev, p, init, only_last=True)[-1]
+            phases[f"{key}_probes_s"] = time.perf_counter() - t
+            rows.append(_run_row(p, last, budget_min))
+            finals.append({**last, "seed": p.cfg.run.seed})
+        spread = {"method": m, "seeds": [f["seed"] for f in finals]}
+        for k in ("probe_top1", "knn_top1"):
+            spread[k] = [f[k] for f in finals]
+            spread[f"{k}_spread"] = max(spread[k]) - min(spread[k])
+        _say(
+            f"{m} over seeds {spread['seeds']}: probe spread {spread['probe_top1_spread']:.2%}, "
+            f"kNN spread {spread['knn_top1_spread']:.2%}"
         )
 
     sup_info: dict[str, Any] = {}
@@ -339,6 +323,8 @@ def run(
         "image_size": base.data.image_size,
         "curves": curves,
         "calibration": calibrations,
+        "seed_spread": spread,
+        "matmul_peak_gflop_s": peak,
         "phases_s": phases,
         "supervised": sup_info,
         "plot": str(png),
@@ -346,6 +332,7 @@ def run(
         "pretrain_runs": [
             {
                 "method": p.method,
+                "seed": p.cfg.run.seed,
                 "run": p.cfg.run.name,
                 "max_steps": p.max_steps,
                 "last_step": p.points[-1].step,
@@ -354,7 +341,7 @@ def run(
                 "epochs": p.epochs,
                 "mlflow": p.metrics.get("mlflow"),
             }
-            for p in runs
+            for p in runs + reruns
         ],
         "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
         "cpu_count": os.cpu_count(),
@@ -362,7 +349,7 @@ def run(
     write(out, "quality", rows, doc_extra)
     linked = [
         str((p.metrics.get("mlflow") or {}).get("run_id"))
-        for p in runs
+        for p in runs + reruns
         if (p.metrics.get("mlflow") or {}).get("run_id")
     ]
     doc = {"bench": "quality", "rows": rows, **doc_extra}
@@ -373,6 +360,11 @@ def run(
     write(out, "quality", rows, {**doc_extra, "mlflow_run_id": run_id})
     print(f"quality bench: {title}; linear probe / kNN top-1 on the official test set")
     print(table(rows, COLUMNS))
+    if spread:
+        print(
+            f"{spread['method']} over seeds {spread['seeds']}: linear probe "
+            f"{spread['probe_top1']}, kNN {spread['knn_top1']}"
+        )
     print()
     print(table([{"phase": k, "seconds": v} for k, v in phases.items()], ["phase", "seconds"]))
     print(f"\nwrote {out} and {png}; mlflow run {run_id or 'not logged'} at {uri}")

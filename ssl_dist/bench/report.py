@@ -94,3 +94,31 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def matmul_gflops(
+    threads: int, seconds: float = 2.0, n: int = 1024, dtype: torch.dtype = torch.float32
+) -> float:
+    """Sustained ``n x n`` matmul GFLOP/s with `threads` intra-op threads (best of 3 rounds)."""
+    with torch_threads(threads):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm-up (and oneDNN / AMX kernel selection)
+        best = 0.0
+        for _ in range(3):
+            k, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds / 3:
+                a @ b
+                k += 1
+            best = max(best, 2 * n**3 * k / (time.perf_counter() - start) / 1e9)
+        return best
+
+
+def matmul_peaks() -> dict[str, float]:
+    """This machine's matmul GFLOP/s (fp32 on 1 thread and on every core, bf16 on every core),
+    so that results from a slower or faster machine can be read against ours."""
+    cores = os.cpu_count() or 1
+    return {
+        "fp32_1_thread": matmul_gflops(1),
+        f"fp32_{cores}_threads": matmul_gflops(cores),
+        f"bf16_{cores}_threads": matmul_gflops(cores, dtype=torch.bfloat16),
+    }

@@ -34,8 +34,9 @@ from typing import Any
 
 import torch
 
-from ssl_dist.bench.quality import RECIPE, prepare_shards, require_fashion_mnist
-from ssl_dist.bench.report import table, torch_threads, write
+from ssl_dist.bench.fmnist import prepare_shards, require_fashion_mnist
+from ssl_dist.bench.quality import RECIPE
+from ssl_dist.bench.report import matmul_gflops, table, torch_threads, write
 from ssl_dist.bench.train import plain_rate, ray_rate
 from ssl_dist.config import Config, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
@@ -73,23 +74,6 @@ RATE_COLUMNS = [
 
 
 # ---------------------------------------------------------------- machine and model
-
-
-def matmul_gflops(
-    threads: int, seconds: float = 2.0, n: int = 1024, dtype: torch.dtype = torch.float32
-) -> float:
-    """Sustained ``n x n`` matmul GFLOP/s with `threads` intra-op threads (best of 3 rounds)."""
-    with torch_threads(threads):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm-up (and oneDNN / AMX kernel selection)
-        best = 0.0
-        for _ in range(3):
-            k, start = 0, time.perf_counter()
-            while time.perf_counter() - start < seconds / 3:
-                a @ b
-                k += 1
-            best = max(best, 2 * n**3 * k / (time.perf_counter() - start) / 1e9)
-        return best
 
 
 def model_flops(cfg: Config, batch: int = 16) -> dict[str, float]:

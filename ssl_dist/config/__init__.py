@@ -46,6 +46,9 @@ class ModelConfig(_Strict):
     vit_heads: int | None = Field(None, ge=1)
     """Attention heads of a ViT encoder (None: timm's, 6 for vit_small; MoCo v3's ViT-S has
     12)."""
+    vit_depth: int | None = Field(None, ge=1)
+    """Transformer blocks of a ViT encoder (None: timm's 12). Fewer make a small, quick ViT for
+    short CPU runs."""
     depths: tuple[int, int, int, int] = (2, 2, 2, 2)
     """Residual blocks per stage of the thin ResNet (2, 2, 2, 2 is ResNet-18's depth)."""
     zero_init_residual: bool = True

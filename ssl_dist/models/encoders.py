@@ -170,7 +170,9 @@ def build_encoder(
         raise ValueError(
             f"{cfg.encoder}: image_size {image_size} is not a multiple of patch {patch}"
         )
-    heads: dict[str, Any] = {} if cfg.vit_heads is None else {"num_heads": cfg.vit_heads}
+    shape: dict[str, Any] = {} if cfg.vit_heads is None else {"num_heads": cfg.vit_heads}
+    if cfg.vit_depth is not None:
+        shape["depth"] = cfg.vit_depth
     model: nn.Module = timm.create_model(
         name,
         pretrained=False,
@@ -179,7 +181,7 @@ def build_encoder(
         img_size=image_size,
         patch_size=patch,
         dynamic_img_size=any_size,
-        **heads,
+        **shape,
     )
     return model
 

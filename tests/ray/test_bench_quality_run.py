@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from ssl_dist.bench import quality
+from ssl_dist.bench import fmnist, quality
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -18,7 +18,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 def test_whole_bench_on_ray(tmp_path):
     idx = fake_fashion_mnist(tmp_path / "idx", n_train=200, n_test=40)
     # Small shards, so that each of the 2 workers gets some (the bench reuses a prepared set).
-    quality.prepare_shards(tmp_path / "work", idx, samples_per_shard=20)
+    fmnist.prepare_shards(tmp_path / "work", idx, samples_per_shard=20)
     out = tmp_path / "res" / "quality.json"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     doc = quality.run(
@@ -29,6 +29,7 @@ def test_whole_bench_on_ray(tmp_path):
         overrides=TINY,
         tracking_uri=uri,
         supervised_threads=1,
+        seeds=2,
     )
     saved = json.loads(out.read_text())
     encoders = [r["encoder"] for r in saved["rows"]]
@@ -51,3 +52,15 @@ def test_whole_bench_on_ray(tmp_path):
         "supervised_train_s",
     } <= set(saved["phases_s"])
     assert all(0.0 <= r["probe_top1"] <= 1.0 for r in saved["rows"])
+    # The best (only) method again with the next seed: its own run, row and the spread.
+    seeded = [r for r in saved["rows"] if r["method"] == "simclr"]
+    assert [r["seed"] for r in seeded] == [0, 1]
+    assert [p["seed"] for p in saved["pretrain_runs"]] == [0, 1]
+    assert saved["pretrain_runs"][1]["run"] != run["run"]
+    spread = saved["seed_spread"]
+    assert spread["method"] == "simclr" and spread["seeds"] == [0, 1]
+    probes = [r["probe_top1"] for r in seeded]
+    assert spread["probe_top1_spread"] == pytest.approx(max(probes) - min(probes))
+    assert "simclr_seed1_pretrain_s" in saved["phases_s"]
+    peaks = saved["matmul_peak_gflop_s"]
+    assert peaks["fp32_1_thread"] > 0 and len(peaks) == 3

@@ -12,7 +12,8 @@ from __future__ import annotations
 import pytest
 
 from ssl_dist.bench.features import encode, evaluate_features, load_split
-from ssl_dist.bench.quality import METHOD_OVERRIDES, RECIPE, missing_idx
+from ssl_dist.bench.fmnist import missing_idx
+from ssl_dist.bench.quality import METHOD_OVERRIDES, RECIPE
 from ssl_dist.config import load_config
 from ssl_dist.data.shards import write_shards
 from ssl_dist.data.sources import FASHION_MNIST_DIR, fashion_mnist, head

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ssl_dist.bench import budget, features, quality, scaling
+from ssl_dist.bench import budget, features, fmnist, quality, report, scaling
 from ssl_dist.config import Config
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
@@ -19,7 +19,7 @@ def fake(tmp_path_factory) -> tuple[Path, Path]:
     """``(idx dir, manifest)`` shared by the tests of this module."""
     tmp = tmp_path_factory.mktemp("fm")
     idx = fake_fashion_mnist(tmp / "idx")
-    manifest = quality.prepare_shards(tmp / "work", idx, samples_per_shard=20)
+    manifest = fmnist.prepare_shards(tmp / "work", idx, samples_per_shard=20)
     return idx, manifest
 
 
@@ -46,7 +46,7 @@ def test_missing_data_exits_2_with_the_install_hint(tmp_path):
 def test_prepared_shards_are_cached(fake, tmp_path):
     idx, manifest = fake
     before = manifest.stat().st_mtime_ns
-    again = quality.prepare_shards(manifest.parent.parent, idx, samples_per_shard=20)
+    again = fmnist.prepare_shards(manifest.parent.parent, idx, samples_per_shard=20)
     assert again == manifest and manifest.stat().st_mtime_ns == before
     doc = json.loads(manifest.read_text())
     assert doc["splits"]["train"]["samples"] == 60 and doc["splits"]["val"]["samples"] == 20
@@ -89,7 +89,7 @@ def test_supervised_reference_stops_on_time(fake, tmp_path):
 @pytest.mark.dist  # phase_shares spawns a 2-process gloo group
 def test_scaling_pieces(fake, tmp_path):
     _, manifest = fake
-    assert scaling.matmul_gflops(1, seconds=0.05, n=128) > 0
+    assert report.matmul_gflops(1, seconds=0.05, n=128) > 0
     cfg = _cfg(manifest, tmp_path)
     flops = scaling.model_flops(cfg, batch=4)
     assert flops["train_flops_per_image"] > 4 * flops["encoder_forward_flops_per_view"] > 0

@@ -190,6 +190,14 @@ def test_vit_heads() -> None:
         assert vit.blocks[0].attn.num_heads == (heads or 6)
 
 
+def test_vit_depth() -> None:
+    for depth in (None, 3):
+        cfg = ModelConfig(encoder="vit_tiny", small_stem=False, vit_depth=depth)
+        with torch.device("meta"):
+            vit = build_encoder(cfg, 3, 32)
+        assert len(vit.blocks) == (depth or 12)
+
+
 def _bn_net() -> nn.Sequential:
     return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
 
