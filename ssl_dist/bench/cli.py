@@ -164,6 +164,14 @@ def bench_quality(
             "reports the spread between seeds; 1 skips the extra budget.",
         ),
     ] = 2,
+    holdout: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="For tuning: score on the last N train images (pretraining and probes train on "
+            "the rest) and never read the official test set; 0 scores on the test set.",
+        ),
+    ] = 0,
 ) -> None:
     """Fashion-MNIST representation quality in a wall-clock budget vs pixels, init, supervised.
 
@@ -197,6 +205,7 @@ def bench_quality(
         checkpoints=checkpoints,
         eval_threads=eval_threads,
         seeds=seeds,
+        holdout=holdout,
     )
 
 

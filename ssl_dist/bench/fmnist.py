@@ -10,7 +10,7 @@ import typer
 
 from ssl_dist.config import ConfigError
 from ssl_dist.data.shards import MANIFEST, read_manifest, write_shards
-from ssl_dist.data.sources import fashion_mnist
+from ssl_dist.data.sources import fashion_mnist, holdout
 
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -37,15 +37,24 @@ def require_fashion_mnist(root: Path) -> None:
         raise typer.Exit(2)
 
 
-def prepare_shards(work: Path, root: Path, samples_per_shard: int = 1000) -> Path:
-    """Fashion-MNIST as shards under ``work/data`` (written once, reused while complete)."""
-    out = work / "data"
+def prepare_shards(
+    work: Path, root: Path, samples_per_shard: int = 1000, holdout_n: int = 0
+) -> Path:
+    """Fashion-MNIST as shards under ``work/data`` (written once, reused while complete).
+
+    `holdout_n` > 0: for tuning, the last `holdout_n` train images are the ``val`` split and the
+    official test set is not written (``work/data-holdout<N>``)."""
+    out = work / (f"data-holdout{holdout_n}" if holdout_n else "data")
+    name = f"fashion-mnist-holdout{holdout_n}" if holdout_n else "fashion-mnist"
     if (out / MANIFEST).is_file():
         try:
             m = read_manifest(out)
-            if m.source == "fashion-mnist" and set(m.splits) >= {"train", "val"}:
+            if m.source == name and set(m.splits) >= {"train", "val"}:
                 return (out / MANIFEST).resolve()
         except (ConfigError, ValueError, OSError, KeyError):
             pass
-    write_shards(fashion_mnist(root), out, samples_per_shard, overwrite=True)
+    source = fashion_mnist(root)
+    write_shards(
+        holdout(source, holdout_n) if holdout_n else source, out, samples_per_shard, overwrite=True
+    )
     return (out / MANIFEST).resolve()

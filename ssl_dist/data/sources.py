@@ -86,6 +86,21 @@ def head(source: Source, n: int) -> Source:
     return Source(source.name, source.classes, source.channels, splits)
 
 
+def holdout(source: Source, n: int) -> Source:
+    """`source` for tuning: the last `n` samples of its train split become ``val`` and its own
+    ``val`` split (for Fashion-MNIST the official test set) is left out, so that nothing chosen
+    on this source has seen it."""
+    train = source.splits["train"]
+    if not 0 < n < len(train):
+        raise ConfigError(f"holdout must lie between 1 and {len(train) - 1} samples, got {n}")
+    cut = len(train) - n
+    splits = {
+        "train": Split(train.keys[:cut], train.labels[:cut], train.load),
+        "val": Split(train.keys[cut:], train.labels[cut:], lambda i: train.load(cut + i)),
+    }
+    return Source(f"{source.name}-holdout{n}", source.classes, source.channels, splits)
+
+
 def digits(val_fraction: float = 0.2, seed: int = 0) -> Source:
     """scikit-learn's bundled 8x8 digits (1,797 images, 16 grey levels) scaled to 0..255."""
     from sklearn.datasets import load_digits

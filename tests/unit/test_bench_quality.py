@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from ssl_dist.bench import budget, features, fmnist, quality, report, scaling
-from ssl_dist.config import Config
+from ssl_dist.config import Config, ConfigError
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
 
@@ -50,6 +50,33 @@ def test_prepared_shards_are_cached(fake, tmp_path):
     assert again == manifest and manifest.stat().st_mtime_ns == before
     doc = json.loads(manifest.read_text())
     assert doc["splits"]["train"]["samples"] == 60 and doc["splits"]["val"]["samples"] == 20
+
+
+@pytest.mark.unit
+def test_holdout_scores_on_the_end_of_train_and_never_writes_the_test_set(fake, tmp_path):
+    from ssl_dist.data.sources import fashion_mnist
+    from ssl_dist.data.stream import open_shards, stream
+
+    idx, official = fake
+    manifest = fmnist.prepare_shards(tmp_path, idx, samples_per_shard=20, holdout_n=15)
+    assert manifest.parent.name == "data-holdout15" and manifest != official
+    doc = json.loads(manifest.read_text())
+    assert doc["source"] == "fashion-mnist-holdout15"
+    assert doc["splits"]["train"]["samples"] == 45 and doc["splits"]["val"]["samples"] == 15
+    cfg = _cfg(manifest, tmp_path)
+    shards = open_shards(cfg.data, "val")
+    val = torch.cat(
+        [
+            b.eval_images()
+            for b in stream(cfg.data, 0, 1, 0, split="val", partial=True, shards=shards)
+        ]
+    )
+    # The held-out images are train's last 15, in order; none of the official test images.
+    train = fashion_mnist(idx).splits["train"]
+    expected = torch.stack([torch.tensor(train.load(i)) for i in range(45, 60)])
+    assert torch.equal(val.reshape(15, 28, 28), expected.to(val.dtype))
+    with pytest.raises(ConfigError, match="holdout must lie between"):
+        fmnist.prepare_shards(tmp_path / "bad", idx, holdout_n=60)
 
 
 @pytest.mark.unit
