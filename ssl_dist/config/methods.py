@@ -21,6 +21,9 @@ class MaskedConfig(_Strict):
     """MAE: transformer blocks of the decoder (the paper's is 8)."""
     decoder_heads: int = Field(4, ge=1)
     """MAE: attention heads of the decoder blocks; must divide `decoder_dim` (the paper: 16)."""
+    fixed_pos_embed: bool = True
+    """MAE: the encoder's position embedding is the fixed 2-D sin-cos one, not trained (the
+    reference's); False keeps timm's learned embedding (random at init)."""
     mask_patch: int = Field(4, ge=1)
     """SimMIM: side in pixels of the masked squares; must divide the image side."""
 

@@ -9,10 +9,11 @@ the masked patches only, against pixels normalised per patch (``norm_pix_loss``)
 The encoder is the run's timm ``VisionTransformer`` itself (``self.encoder``, kept after
 pretraining): the masked path below calls its ``patch_embed``, ``pos_embed``, ``cls_token``,
 ``blocks`` and ``norm`` on the visible tokens, and leaves its ``forward`` (full image, pooled
-class token ``[B, F]``) untouched for the kNN monitor and the linear probe. Differences from
-the reference: the encoder's position embedding is timm's learned one (the reference fixes
-it to 2-D sin-cos); the decoder's is fixed 2-D sin-cos as in the reference (a buffer, not
-trained); the decoder is narrower and shallower by default (``method.masked``).
+class token ``[B, F]``) untouched for the kNN monitor and the linear probe. As in the
+reference, the encoder's position embedding is set to the fixed 2-D sin-cos one and frozen
+(``method.masked.fixed_pos_embed``; False keeps timm's learned one, random at init), and the
+decoder's is fixed 2-D sin-cos too (a buffer). Difference from the reference: the decoder is
+narrower and shallower by default (``method.masked``).
 
 ZeRO-3: ``pos_embed`` and ``cls_token`` are read here outside the encoder's own ``forward``, so
 DeepSpeed does not gather them for this path; they stay whole on every rank because they are
@@ -108,6 +109,13 @@ class MAE(SSLMethod):
             raise ValueError(
                 f"method.masked.mask_ratio {masked.mask_ratio} masks no patch of {grid}x{grid}"
             )
+        if masked.fixed_pos_embed:
+            # As the reference: 2-D sin-cos, frozen, so the encoder knows where each visible
+            # patch sits from the first step (a learned one starts as noise).
+            assert enc.pos_embed is not None  # checked above
+            with torch.no_grad():
+                enc.pos_embed.copy_(sincos_pos_embed(enc.embed_dim, grid)[None])
+            enc.pos_embed.requires_grad_(False)
         self.decoder_embed = nn.Linear(enc.embed_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("decoder_pos_embed", sincos_pos_embed(dim, grid)[None], False)

@@ -127,6 +127,17 @@ def test_forward_loss_is_the_masked_patch_mse_of_the_decoder() -> None:
     assert method.mask_token.grad is not None and method.mask_token.grad.abs().sum() > 0
 
 
+def test_encoder_position_embedding_is_fixed_sincos() -> None:
+    method = _mae()
+    pos = method.encoder.pos_embed
+    grid = SIZE // method.patch
+    torch.testing.assert_close(pos.detach(), sincos_pos_embed(pos.shape[-1], grid)[None])
+    assert not pos.requires_grad
+    assert all(p is not pos for p in method.trainable_parameters())
+    learned = _mae(fixed_pos_embed=False).encoder.pos_embed
+    assert learned.requires_grad and not torch.allclose(learned.detach(), pos.detach())
+
+
 def test_kept_encoder_still_pools_full_images() -> None:
     method = _mae()
     x = torch.randn(3, 3, SIZE, SIZE)
