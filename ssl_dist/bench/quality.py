@@ -4,8 +4,9 @@ On Fashion-MNIST (Debian's ``dataset-fashion-mnist`` IDX files; the official 10k
 manifest's ``val`` split), one run:
 
 1. prepares shards once (cached in the work dir);
-2. calibrates: a short Ray run of the recipe (same workers, tracking off) measures the step
-   time after warm-up and the fixed start-up cost of a run;
+2. calibrates: after a one-step warm-up run (a machine's first Ray run starts slower than the
+   next), a short Ray run of the recipe (same workers, tracking off) measures the step time
+   after warm-up and the fixed start-up cost of a run;
 3. pretrains with the recipe on Ray workers for ``budget`` wall-clock seconds: ``run.max_steps``
    is set from the calibration (the cosine schedule then ends when the time does) and
    ``run.checkpoint_every`` to a quarter of it, so the probe can be run at four points;

@@ -46,6 +46,7 @@ def test_whole_bench_on_ray(tmp_path):
     assert doc["mlflow_run_id"] and saved["mlflow_run_id"] == doc["mlflow_run_id"]
     assert {
         "prepare_s",
+        "warmup_s",
         "simclr_calibrate_s",
         "simclr_pretrain_s",
         "simclr_probes_s",
@@ -62,5 +63,7 @@ def test_whole_bench_on_ray(tmp_path):
     probes = [r["probe_top1"] for r in seeded]
     assert spread["probe_top1_spread"] == pytest.approx(max(probes) - min(probes))
     assert "simclr_seed1_pretrain_s" in saved["phases_s"]
+    # One throw-away warm-up run before the first calibration, none before the second seed's.
+    assert len(list((tmp_path / "work" / "runs").glob("*-warmup"))) == 1
     peaks = saved["matmul_peak_gflop_s"]
     assert peaks["fp32_1_thread"] > 0 and len(peaks) == 3
