@@ -10,7 +10,7 @@ import typer
 
 from ssl_dist.config import ConfigError
 from ssl_dist.data.shards import MANIFEST, read_manifest, write_shards
-from ssl_dist.data.sources import fashion_mnist, holdout
+from ssl_dist.data.sources import FASHION_MNIST, fashion_mnist, holdout, holdout_name
 
 IDX_FILES = (
     "train-images-idx3-ubyte",
@@ -45,7 +45,7 @@ def prepare_shards(
     `holdout_n` > 0: for tuning, the last `holdout_n` train images are the ``val`` split and the
     official test set is not written (``work/data-holdout<N>``)."""
     out = work / (f"data-holdout{holdout_n}" if holdout_n else "data")
-    name = f"fashion-mnist-holdout{holdout_n}" if holdout_n else "fashion-mnist"
+    name = holdout_name(FASHION_MNIST, holdout_n) if holdout_n else FASHION_MNIST
     if (out / MANIFEST).is_file():
         try:
             m = read_manifest(out)

@@ -36,7 +36,7 @@ import torch
 
 from ssl_dist.bench.fmnist import prepare_shards, require_fashion_mnist
 from ssl_dist.bench.quality import RECIPE
-from ssl_dist.bench.report import matmul_gflops, table, torch_threads, write
+from ssl_dist.bench.report import matmul_peaks, table, torch_threads, write
 from ssl_dist.bench.train import plain_rate, ray_rate
 from ssl_dist.config import Config, load_config
 from ssl_dist.data.sources import FASHION_MNIST_DIR
@@ -284,9 +284,9 @@ def run(
 
     load_before = os.getloadavg()  # recorded: other work on the machine skews every number
     _say("fp32 matmul peak and model FLOPs")
-    peak1 = matmul_gflops(1)
-    peak_all = matmul_gflops(cores)
-    peak_bf16 = matmul_gflops(cores, dtype=torch.bfloat16)
+    peaks = matmul_peaks()
+    peak1, peak_all = peaks["fp32_1_thread"], peaks[f"fp32_{cores}_threads"]
+    peak_bf16 = peaks[f"bf16_{cores}_threads"]
     flops = model_flops(base)
 
     rows: list[dict[str, Any]] = []

@@ -18,6 +18,8 @@ import numpy as np
 
 from ssl_dist.config import ConfigError
 
+FASHION_MNIST = "fashion-mnist"
+"""The Fashion-MNIST source's name (in its manifests)."""
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 """Where Debian's `dataset-fashion-mnist` package puts the IDX files."""
 
@@ -86,6 +88,11 @@ def head(source: Source, n: int) -> Source:
     return Source(source.name, source.classes, source.channels, splits)
 
 
+def holdout_name(name: str, n: int) -> str:
+    """The name of source `name` with its last `n` train samples held out (:func:`holdout`)."""
+    return f"{name}-holdout{n}"
+
+
 def holdout(source: Source, n: int) -> Source:
     """`source` for tuning: the last `n` samples of its train split become ``val`` and its own
     ``val`` split (for Fashion-MNIST the official test set) is left out, so that nothing chosen
@@ -98,7 +105,7 @@ def holdout(source: Source, n: int) -> Source:
         "train": Split(train.keys[:cut], train.labels[:cut], train.load),
         "val": Split(train.keys[cut:], train.labels[cut:], lambda i: train.load(cut + i)),
     }
-    return Source(f"{source.name}-holdout{n}", source.classes, source.channels, splits)
+    return Source(holdout_name(source.name, n), source.classes, source.channels, splits)
 
 
 def digits(val_fraction: float = 0.2, seed: int = 0) -> Source:
@@ -150,7 +157,7 @@ def fashion_mnist(root: Path | None = None) -> Source:
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise ConfigError(f"{root}: {prefix} images and labels do not match")
         splits[split] = _array_split(split, images, labels)
-    return Source("fashion-mnist", list(FASHION_MNIST_CLASSES), 1, splits)
+    return Source(FASHION_MNIST, list(FASHION_MNIST_CLASSES), 1, splits)
 
 
 def load_source(
@@ -160,6 +167,6 @@ def load_source(
     file by file: :func:`ssl_dist.data.prepare.prepare_imagefolder`)."""
     if name == "digits":
         return digits(val_fraction, seed)
-    if name == "fashion-mnist":
+    if name == FASHION_MNIST:
         return fashion_mnist(Path(input_dir) if input_dir else None)
     raise ConfigError(f"unknown source {name!r}: choose digits, fashion-mnist or imagefolder")

@@ -8,18 +8,11 @@ without an engine, :mod:`~ssl_dist.dist.reshard` resumes one at another world si
 inside the functions that need it (its import takes seconds and logs), so
 :func:`deepspeed_config` stays cheap and importable anywhere.
 
-Training-loop contract (every rank runs the same calls)::
-
-    engine = build_engine(method, cfg.zero, cfg.optim, micro_batch, world_size, lr)
-    for step in range(total_steps):                     # optimizer steps
-        set_lr(engine, lr_at(step, total_steps, peak, warmup, min_ratio))
-        for _ in range(cfg.optim.grad_accum):           # micro-batches
-            loss, metrics = engine(x1, x2)
-            engine.backward(loss)                        # scales by 1 / grad_accum
-            engine.step()                                # steps only at the boundary
-        momentum_update(engine.module, step + 1, total_steps)
-    save(engine, directory, {"step": step + 1})          # every rank, each writes its shard
-    state = consolidated_state_dict(engine)              # every rank; dict on rank 0, else None
+Every rank makes the same calls in the same order: :func:`build_engine`, then per micro-batch
+the engine's forward, ``engine.backward`` (scales by 1 / grad_accum) and ``engine.step`` (steps
+at the accumulation boundary), :func:`set_lr` and :func:`momentum_update` per optimizer step,
+:func:`save` and :func:`consolidated_state_dict` at a checkpoint; the one loop that does so is
+``ssl_dist.train.runtime.run_steps`` (its ``DeepSpeedBackend``).
 
 What was checked against DeepSpeed 0.19 on its CPU accelerator (gloo), in
 ``tests/dist/test_zero.py``:
