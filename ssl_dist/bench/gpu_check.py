@@ -195,7 +195,8 @@ def run_cases(
     flops: dict[tuple[str, str], float] = {}
     models = _models(device.type)
     for name, method, prec, stage in itertools.product(models, METHODS, PRECISIONS, STAGES):
-        if not set(only) <= {name, method, prec, f"zero{stage}"}:
+        names = {name, method, prec, f"zero{stage}"}
+        if only and not any(set(sel.split(",")) <= names for sel in only):
             continue
         model = models[name]
         cfg = case_config(model, method, prec, stage, data[model["data"]])
@@ -235,8 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         default=(),
         metavar="NAME",
-        help="run only the cases that all of these name (a model such as resnet50-224px, a "
-        "method, bf16 / fp32, zero0 / zero2); default every case (about 30 s each on one H200)",
+        help="run only the cases one of these selects; a selector is names joined by commas, "
+        "all of which the case has (a model such as resnet50-224px, a method, bf16 / fp32, "
+        "zero0 / zero2): resnet18-32px resnet50-224px,simclr,bf16; default every case (about "
+        "30 s each on one H200)",
     )
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -244,6 +247,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.steps < 1:
         print("gpu_check: --steps must be at least 1", file=sys.stderr)
+        return 2
+    known = {*_models(args.device), *METHODS, *PRECISIONS, *(f"zero{s}" for s in STAGES)}
+    unknown = sorted({n for sel in args.only for n in sel.split(",")} - known)
+    if unknown:
+        print(f"gpu_check: --only names no case: {', '.join(unknown)}", file=sys.stderr)
         return 2
     warmup = args.warmup if args.warmup is not None else (5 if args.device == "cuda" else 1)
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
