@@ -14,22 +14,17 @@ console script on the cluster. The runtime_env ships this project:
   and registry URI, experiment, HTTP retries), every ``SSL_DIST_*`` knob (log level, progress
   bars), and each ``--env KEY=VALUE``.
 
-Secrets never travel with the job. The runtime_env, entrypoint and metadata are stored with the
-job, where anyone who can list jobs on the dashboard can read them. So a variable whose name
-looks like a credential (`looks_secret`: TOKEN, PASSWORD, SECRET, KEY, CREDENTIAL, AUTH, ...,
-or a cloud prefix such as ``AWS_``) is not forwarded (``MLFLOW_TRACKING_TOKEN`` and
-``MLFLOW_TRACKING_PASSWORD`` stay local, named in one note on stderr), and is refused with
-``--env``; so is a URL with a password in it (``https://user:pw@host``), in a variable or an
-argument. Workers get credentials from the cluster's own environment instead: variables set
-before ``ray start`` on every node (cluster launcher), a Kubernetes Secret in the pods' env (the
-manifests in ``cluster/k8s``), the nodes' cloud identity, or a file on the nodes that the job
-reads (e.g. ``~/.mlflow/credentials``).
+Secrets never travel with the job (its runtime_env, entrypoint and metadata are readable by
+anyone who can list jobs): the rules are `ssl_dist.credentials`' (a credential-like variable
+is not forwarded and is refused with ``--env``, one note on stderr names what stayed local; a
+URL with a password is refused). Workers get credentials from the cluster's own environment
+(variables set before ``ray start``, a Kubernetes Secret as in ``cluster/k8s``, the nodes'
+cloud identity, or a file on the nodes such as ``~/.mlflow/credentials``).
 
-Token authentication (Ray 2.60: ``RAY_AUTH_MODE=token`` on the cluster): set
-``RAY_AUTH_MODE=token`` locally and the token as ``RAY_AUTH_TOKEN``, in the file named by
-``RAY_AUTH_TOKEN_PATH``, or in ``~/.ray/auth_token`` (the same variables as the `ray` CLI); it is
-sent as ``Authorization: Bearer ...``. The job itself inherits the cluster's own token, so the
-token is never put into the job's runtime_env.
+Token authentication (``RAY_AUTH_MODE=token`` on the cluster): set it locally too, with the
+token in ``RAY_AUTH_TOKEN``, the file ``RAY_AUTH_TOKEN_PATH`` names or ``~/.ray/auth_token`` (as
+the `ray` CLI); it is sent as ``Authorization: Bearer ...``, never put into the runtime_env (the
+job inherits the cluster's own token).
 """
 
 from __future__ import annotations
