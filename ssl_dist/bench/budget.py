@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,12 +52,12 @@ def _short_run(cfg: Config, steps: int, suffix: str) -> tuple[dict[str, Any], fl
     return metrics, time.perf_counter() - start
 
 
-def warm_up(cfg: Config) -> float:
-    """A throw-away one-step run of `cfg`; its wall-clock seconds. The first Ray run on a quiet
+def warm_up(cfg: Config) -> None:
+    """A throw-away one-step run of `cfg` (the caller times it). The first Ray run on a quiet
     machine starts up to three times slower than the next ones (measured: 90-97 s against 31-39 s
     for the recipe), so a calibration that ran first would plan every run with a start-up it
     does not pay, and end the schedule early."""
-    return _short_run(cfg, 1, "warmup")[1]
+    _short_run(cfg, 1, "warmup")
 
 
 def calibrate(cfg: Config, steps: int = CALIBRATION_STEPS) -> Calibration:
@@ -98,6 +98,20 @@ class Pretrained:
     epochs: float = 0.0
     stopped: str | None = None
     """Why the run stopped before `max_steps` (its last checkpoint's ``stopped``)."""
+
+    def summary(self) -> dict[str, Any]:
+        """The run in the bench's JSON (``pretrain_runs``)."""
+        return {
+            "method": self.method,
+            "seed": self.cfg.run.seed,
+            "run": self.cfg.run.name,
+            "max_steps": self.max_steps,
+            "last_step": self.points[-1].step,
+            "wall_s": self.wall_s,
+            "stopped_by_time_limit": self.stopped == "time_limit",
+            "epochs": self.epochs,
+            "mlflow": self.metrics.get("mlflow"),
+        }
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:
@@ -162,17 +176,27 @@ def pretrain_all(
     cals: dict[str, Calibration],
     phases: dict[str, float],
     say: Callable[[str], None] = print,
+    done: Mapping[str, Pretrained] | None = None,
+    on_done: Callable[[str, Pretrained, Calibration], None] = lambda key, p, cal: None,
 ) -> list[Pretrained]:
-    """Each config in turn on Ray for `budget_s` (`cfgs`: a name for its phases -> config); a
-    method not in `cals` is calibrated first (and added). Ray is shut down at the end."""
+    """Each config in turn on Ray for `budget_s` (`cfgs`: a name for its phases -> config),
+    except those in `done` (a resumed bench's finished runs, returned as they are); a method
+    not in `cals` is calibrated first (and added); `on_done` is called after each run. Ray is
+    shut down at the end."""
+    done = done or {}
     runs: list[Pretrained] = []
+    todo = [key for key in cfgs if key not in done]
     try:
-        if cfgs and not cals:  # the first calibration of this bench must not pay a cold start
+        if todo and not cals:  # the first calibration of this bench must not pay a cold start
             say("warm-up: a one-step run before the first calibration")
             t = time.perf_counter()
-            warm_up(next(iter(cfgs.values())))
+            warm_up(cfgs[todo[0]])
             phases["warmup_s"] = time.perf_counter() - t
         for key, cfg in cfgs.items():
+            if key in done:
+                say(f"{key}: pretrained by an earlier part of this bench (resumed)")
+                runs.append(done[key])
+                continue
             m = cfg.method.name
             if m not in cals:
                 say(f"{m}: calibrating ({CALIBRATION_STEPS} steps)")
@@ -187,6 +211,7 @@ def pretrain_all(
             t = time.perf_counter()
             runs.append(pretrain_for(cfg, budget_s, cals[m], checkpoints))
             phases[f"{key}_pretrain_s"] = time.perf_counter() - t
+            on_done(key, runs[-1], cals[m])
     finally:
         import ray  # heavy (seconds); connect() started it
 

@@ -5,20 +5,23 @@ manifest's ``val`` split), one run:
 
 1. prepares shards once (cached in the work dir);
 2. calibrates: after a one-step warm-up run (a machine's first Ray run starts slower than the
-   next), a short Ray run of the recipe (same workers, tracking off) measures the step time
-   after warm-up and the fixed start-up cost of a run;
-3. pretrains with the recipe on Ray workers for ``budget`` wall-clock seconds: ``run.max_steps``
-   is set from the calibration (the cosine schedule then ends when the time does) and
-   ``run.checkpoint_every`` to a quarter of it, so the probe can be run at four points;
+   next), a short Ray run of the recipe measures the step time and a run's fixed start-up cost;
+3. pretrains each method on Ray workers for ``budget`` wall-clock seconds: ``run.max_steps`` is
+   set from the calibration (the cosine schedule then ends when the time does), with
+   ``checkpoints`` probe points; then the best method again with other seeds;
 4. trains the same encoder supervised (cross-entropy, linear head, in this process, same
    wall-clock budget, same cores): the upper reference;
 5. evaluates, on frozen features of the un-augmented view, with the project's linear probe
-   (:func:`ssl_dist.evaluate.finetune.probe_features`: L-BFGS, L2 penalty chosen on a held-out
-   20% of train; train 60k, test 10k) and the kNN monitor (k = 20, cosine, whole train split
-   as bank): every pretraining checkpoint, the encoder at random init, the supervised encoder,
-   and logistic regression on raw pixels (standardised; at 32 px and the recipe's size);
+   (:func:`ssl_dist.evaluate.probe.probe_features`: L-BFGS, L2 penalty chosen on a held-out
+   20% of train) and the kNN monitor (k = 20, cosine, whole train split as bank): every
+   pretraining checkpoint, random init, the supervised encoder, and logistic regression on raw
+   pixels (standardised; at 32 px and the recipe's size);
 6. prints a table, writes JSON and a PNG (probe accuracy against training time), and logs a run
    to MLflow (experiment ``ssl-dist-bench``; bounded, a tracking failure costs a warning).
+
+The baselines are scored first and each run is probed as soon as it ends; each finished piece
+goes to a journal in the work dir, so ``--resume`` continues a bench cut short, on this machine
+or (the journal copied) another one (:mod:`ssl_dist.bench.journal`).
 
 Random init is the training init: ``torch.manual_seed(run.seed)`` then the method's constructor
 (:func:`ssl_dist.train.parts.build_model`), so with the recipe's ``model.zero_init_residual:
@@ -28,10 +31,12 @@ the stem plus the strided 1x1 shortcuts. The supervised run starts from the same
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 import time
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -45,9 +50,11 @@ from ssl_dist.bench.budget import (
 )
 from ssl_dist.bench.features import Evaluator, checkpoint_encoder, train_supervised
 from ssl_dist.bench.fmnist import prepare_shards, require_fashion_mnist
+from ssl_dist.bench.journal import Journal
 from ssl_dist.bench.quality_report import log_mlflow, plot
 from ssl_dist.bench.report import matmul_peaks, table, write
 from ssl_dist.config import Config, ConfigError, load_config
+from ssl_dist.data.shards import manifest_sha256
 from ssl_dist.data.sources import FASHION_MNIST_DIR
 from ssl_dist.evaluate.source import DEFAULT_STORAGE
 
@@ -188,13 +195,15 @@ def run(
     checkpoints: int = CHECKPOINTS,
     seeds: int = 2,
     holdout: int = 0,
+    resume: bool = False,
 ) -> dict[str, Any]:
     """Run the whole bench; return the JSON document (also written to `out`).
 
     `seeds` > 1 pretrains the best method (by its last probe) again with ``run.seed`` + 1, ...
     for the same budget; its rows and ``seed_spread`` give the spread between seeds.
     `holdout` > 0 scores on the last `holdout` train images instead of the official test set,
-    which is then never read (for tuning)."""
+    which is then never read (for tuning). `resume` continues the bench whose journal is in
+    `work` (:mod:`ssl_dist.bench.journal`): what it finished is not run again."""
     require_fashion_mnist(input_dir)
     for m in methods:
         if m not in KNOWN:
@@ -203,6 +212,8 @@ def run(
         raise ConfigError(f"checkpoints must be at least 1, got {checkpoints}")
     if seeds < 1:
         raise ConfigError(f"seeds must be at least 1, got {seeds}")
+    if resume:
+        Journal.require(work)
     budget_s = 60.0 * budget_min
     phases: dict[str, float] = {}
     t = time.perf_counter()
@@ -215,9 +226,6 @@ def run(
         uri = tracking.resolve_uri(tracking_uri, DEFAULT_STORAGE)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    load_before = os.getloadavg()  # recorded: other work on the machine skews every number
-    peak = matmul_peaks()
-    _say(", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + " GFLOP/s (matmul peaks)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     cfgs = {
         m: bench_config(recipe, manifest, work, m, f"quality-{m}-{stamp}", overrides, uri)
@@ -225,10 +233,28 @@ def run(
     }
     base = next(iter(cfgs.values()))
     workers = base.scaling.num_workers
+    settings = {
+        "methods": list(methods),
+        "budget_min": budget_min,
+        "recipe_sha256": hashlib.sha256(recipe.read_bytes()).hexdigest(),
+        "overrides": list(overrides),
+        "method_overrides": {m: list(METHOD_OVERRIDES.get(m, ())) for m in methods},
+        "checkpoints": checkpoints,
+        "seeds": seeds,
+        "holdout": holdout,
+        "manifest_sha256": manifest_sha256(str(manifest)),
+        "supervised": [supervised, supervised_threads],
+    }
+    journal = Journal.open(work, settings, resume)
+    load_before = os.getloadavg()  # recorded: other work on the machine skews every number
+    peak = matmul_peaks()
+    _say(", ".join(f"{k} {v:.0f}" for k, v in peak.items()) + " GFLOP/s (matmul peaks)")
+    journal.begin_part(peak, load_before)
+    if journal.resumed:
+        _say(f"resuming: {', '.join(journal.data['runs']) or 'no run'} finished before")
 
-    cals: dict[str, Calibration] = {}
-    runs = pretrain_all(cfgs, budget_s, checkpoints, cals, phases, _say)
-    calibrations = {m: {"step_s": c.step_s, "startup_s": c.startup_s} for m, c in cals.items()}
+    if journal.dropped:
+        _say(f"run again (never probed, checkpoints gone): {', '.join(journal.dropped)}")
 
     _say("loading the splits for evaluation")
     ev = Evaluator(base, eval_threads, work / "cache" if cache_baselines else None)
@@ -247,11 +273,17 @@ def run(
     rows.append(_row("random init", "-", init, train_s=0.0, step=0))
     _say(f"random init: probe {init['probe_top1']:.2%}")
 
+    def probe(key: str, p: Pretrained) -> list[dict[str, Any]]:
+        """Every point of a method's run; the last only of a run with another seed."""
+        return _curve(ev, p, init, only_last=key != p.method)
+
+    # Each run is probed as soon as it ends (journaled: its checkpoints are needed no more).
+    cals: dict[str, Calibration] = {}
+    resumer = journal.resumer(probe, phases)
+    runs = pretrain_all(cfgs, budget_s, checkpoints, cals, phases, _say, **resumer)
     curves: dict[str, list[dict[str, Any]]] = {}
     for p in runs:
-        t = time.perf_counter()
-        curves[p.method] = _curve(ev, p, init)
-        phases[f"{p.method}_probes_s"] = time.perf_counter() - t
+        curves[p.method] = journal.curve(p.method, phases, partial(probe, p.method, p))
         rows.append(_run_row(p, curves[p.method][-1], budget_min))
 
     spread: dict[str, Any] = {}
@@ -263,11 +295,9 @@ def run(
         again = {f"{m}_seed{seed0 + k}": with_seed(cfgs[m], seed0 + k) for k in range(1, seeds)}
         _say(f"{m} is best: {len(again)} more run(s) with other seeds")
         finals = [{**curves[m][-1], "seed": seed0}]
-        reruns = pretrain_all(again, budget_s, checkpoints, cals, phases, _say)
+        reruns = pretrain_all(again, budget_s, checkpoints, cals, phases, _say, **resumer)
         for key, p in zip(again, reruns, strict=True):
-            t = time.perf_counter()
-            last = _curve(ev, p, init, only_last=True)[-1]
-            phases[f"{key}_probes_s"] = time.perf_counter() - t
+            last = journal.curve(key, phases, partial(probe, key, p))[-1]
             rows.append(_run_row(p, last, budget_min))
             finals.append({**last, "seed": p.cfg.run.seed})
         spread = {"method": m, "seeds": [f["seed"] for f in finals]}
@@ -280,7 +310,11 @@ def run(
         )
 
     sup_info: dict[str, Any] = {}
-    if supervised:
+    if supervised and journal.supervised:
+        _say("supervised reference: trained by an earlier part of this bench (resumed)")
+        rows.append(journal.supervised["row"])
+        sup_info = journal.supervised["info"]
+    elif supervised:
         _say(f"supervised reference: {budget_min:g} min, {supervised_threads} threads")
         t = time.perf_counter()
         sup = train_supervised(base, ev.train, ev.val, ev.views, budget_s, supervised_threads)
@@ -301,6 +335,7 @@ def run(
             )
         )
         sup_info = {"head_top1": sup.head_top1, "threads": supervised_threads}
+        journal.add_supervised(rows[-1], sup_info)
         _say(f"supervised: probe {scores['probe_top1']:.2%} (own head {sup.head_top1:.2%})")
 
     best_raw = max(r["probe_top1"] for r in raw.values())
@@ -331,27 +366,15 @@ def run(
         "checkpoints": checkpoints,
         "image_size": base.data.image_size,
         "curves": curves,
-        "calibration": calibrations,
+        "calibration": journal.data["calibrations"],
+        "parts": journal.data["parts"],
         "seed_spread": spread,
         "matmul_peak_gflop_s": peak,
         "phases_s": phases,
         "supervised": sup_info,
         "plot": str(png),
         "tracking_uri": uri,
-        "pretrain_runs": [
-            {
-                "method": p.method,
-                "seed": p.cfg.run.seed,
-                "run": p.cfg.run.name,
-                "max_steps": p.max_steps,
-                "last_step": p.points[-1].step,
-                "wall_s": p.wall_s,
-                "stopped_by_time_limit": p.stopped == "time_limit",
-                "epochs": p.epochs,
-                "mlflow": p.metrics.get("mlflow"),
-            }
-            for p in runs + reruns
-        ],
+        "pretrain_runs": [p.summary() for p in runs + reruns],
         "load_avg_1_5_15_min": {"before": load_before, "after": os.getloadavg()},
         "cpu_count": os.cpu_count(),
     }

@@ -9,6 +9,7 @@ import json
 import pytest
 
 from ssl_dist.bench import fmnist, quality
+from ssl_dist.bench.journal import JOURNAL
 from tests.fake_fashion_mnist import TINY, fake_fashion_mnist
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -21,16 +22,17 @@ def test_whole_bench_on_ray(tmp_path):
     fmnist.prepare_shards(tmp_path / "work", idx, samples_per_shard=20)
     out = tmp_path / "res" / "quality.json"
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    doc = quality.run(
-        out=out,
-        work=tmp_path / "work",
-        budget_min=0.25,
-        input_dir=idx,
-        overrides=TINY,
-        tracking_uri=uri,
-        supervised_threads=1,
-        seeds=2,
-    )
+    args = {
+        "out": out,
+        "work": tmp_path / "work",
+        "budget_min": 0.25,
+        "input_dir": idx,
+        "overrides": TINY,
+        "tracking_uri": uri,
+        "supervised_threads": 1,
+        "seeds": 2,
+    }
+    doc = quality.run(**args)
     saved = json.loads(out.read_text())
     encoders = [r["encoder"] for r in saved["rows"]]
     assert encoders[:3] == ["raw pixels 32px", "raw pixels 28px", "random init"]
@@ -67,3 +69,25 @@ def test_whole_bench_on_ray(tmp_path):
     assert len(list((tmp_path / "work" / "runs").glob("*-warmup"))) == 1
     peaks = saved["matmul_peak_gflop_s"]
     assert peaks["fp32_1_thread"] > 0 and len(peaks) == 3
+
+    # Resumed as if cut short after the second seed's run: its probe is done again; nothing is
+    # pretrained (no new run directory) or trained supervised again.
+    journal = tmp_path / "work" / JOURNAL
+    j = json.loads(journal.read_text())
+    assert set(j["runs"]) == set(j["curves"]) == {"simclr", "simclr_seed1"}
+    del j["curves"]["simclr_seed1"]
+    journal.write_text(json.dumps(j))
+    run_dirs = sorted((tmp_path / "work" / "runs").iterdir())
+    again = quality.run(**args, resume=True)
+    assert sorted((tmp_path / "work" / "runs").iterdir()) == run_dirs
+    assert len(again["parts"]) == 2 and again["parts"][1]["runs"] == []
+    assert again["pretrain_runs"] == saved["pretrain_runs"]
+    assert again["curves"] == saved["curves"]  # journaled
+    for k in ("probe_top1", "knn_top1"):  # the second seed's probe again, on the same checkpoint
+        assert again["seed_spread"][k] == pytest.approx(spread[k], abs=0.03)
+    assert "simclr_seed1_probes_s" in again["phases_s"]
+    assert not {"warmup_s", "simclr_pretrain_s", "simclr_probes_s", "supervised_train_s"} & set(
+        again["phases_s"]
+    )
+    sup = [r for r in again["rows"] if r["method"] == "cross-entropy"]
+    assert sup == [r for r in saved["rows"] if r["method"] == "cross-entropy"]
