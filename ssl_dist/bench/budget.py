@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +112,20 @@ class Pretrained:
             "epochs": self.epochs,
             "mlflow": self.metrics.get("mlflow"),
         }
+
+    def to_json(self) -> dict[str, Any]:
+        """The whole run as JSON (a bench's journal); :meth:`from_json` reads it back."""
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["cfg"] = self.cfg.model_dump(mode="json")
+        d["points"] = [{**asdict(pt), "path": pt.path and str(pt.path)} for pt in self.points]
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Pretrained:
+        points = [
+            Point(pt["step"], pt["seconds"], pt["path"] and Path(pt["path"])) for pt in d["points"]
+        ]
+        return cls(**{**d, "cfg": Config.model_validate(d["cfg"]), "points": points})
 
 
 def list_checkpoints(run_dir: Path) -> list[tuple[int, Path, float]]:

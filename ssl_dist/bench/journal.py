@@ -31,43 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from ssl_dist.atomic import write_atomic
-from ssl_dist.bench.budget import Calibration, Point, Pretrained
-from ssl_dist.config import Config, ConfigError
+from ssl_dist.bench.budget import Calibration, Pretrained
+from ssl_dist.config import ConfigError
 
 JOURNAL = "quality-journal.json"
-
-
-def _dump_run(p: Pretrained) -> dict[str, Any]:
-    return {
-        "method": p.method,
-        "cfg": p.cfg.model_dump(mode="json"),
-        "points": [
-            {"step": pt.step, "seconds": pt.seconds, "path": str(pt.path) if pt.path else None}
-            for pt in p.points
-        ],
-        "wall_s": p.wall_s,
-        "metrics": p.metrics,
-        "max_steps": p.max_steps,
-        "epochs": p.epochs,
-        "stopped": p.stopped,
-    }
-
-
-def _load_run(d: dict[str, Any]) -> Pretrained:
-    points = [
-        Point(pt["step"], pt["seconds"], Path(pt["path"]) if pt["path"] else None)
-        for pt in d["points"]
-    ]
-    return Pretrained(
-        d["method"],
-        Config.model_validate(d["cfg"]),
-        points,
-        d["wall_s"],
-        d["metrics"],
-        d["max_steps"],
-        d["epochs"],
-        d["stopped"],
-    )
 
 
 class Journal:
@@ -139,10 +106,10 @@ class Journal:
         return len(self.data["parts"]) > 1
 
     def runs(self) -> dict[str, Pretrained]:
-        return {k: _load_run(d) for k, d in self.data["runs"].items()}
+        return {k: Pretrained.from_json(d) for k, d in self.data["runs"].items()}
 
     def add_run(self, key: str, p: Pretrained, cal: Calibration) -> None:
-        self.data["runs"][key] = _dump_run(p)
+        self.data["runs"][key] = p.to_json()
         self.data["calibrations"][key] = asdict(cal)
         self.data["parts"][-1]["runs"].append(key)
         self.save()

@@ -19,9 +19,8 @@ manifest's ``val`` split), one run:
 6. prints a table, writes JSON and a PNG (probe accuracy against training time), and logs a run
    to MLflow (experiment ``ssl-dist-bench``; bounded, a tracking failure costs a warning).
 
-The baselines are scored first and each run is probed as soon as it ends; each finished piece
-goes to a journal in the work dir, so ``--resume`` continues a bench cut short, on this machine
-or (the journal copied) another one (:mod:`ssl_dist.bench.journal`).
+Baselines are scored first, each run is probed as soon as it ends, and each finished piece goes
+to a journal, so ``--resume`` continues a bench cut short (:mod:`ssl_dist.bench.journal`).
 
 Random init is the training init: ``torch.manual_seed(run.seed)`` then the method's constructor
 (:func:`ssl_dist.train.parts.build_model`), so with the recipe's ``model.zero_init_residual:
@@ -252,7 +251,6 @@ def run(
     journal.begin_part(peak, load_before)
     if journal.resumed:
         _say(f"resuming: {', '.join(journal.data['runs']) or 'no run'} finished before")
-
     if journal.dropped:
         _say(f"run again (never probed, checkpoints gone): {', '.join(journal.dropped)}")
 
@@ -277,7 +275,6 @@ def run(
         """Every point of a method's run; the last only of a run with another seed."""
         return _curve(ev, p, init, only_last=key != p.method)
 
-    # Each run is probed as soon as it ends (journaled: its checkpoints are needed no more).
     cals: dict[str, Calibration] = {}
     resumer = journal.resumer(probe, phases)
     runs = pretrain_all(cfgs, budget_s, checkpoints, cals, phases, _say, **resumer)
