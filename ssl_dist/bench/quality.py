@@ -4,8 +4,7 @@ On Fashion-MNIST (Debian's ``dataset-fashion-mnist`` IDX files; the official 10k
 manifest's ``val`` split), one run:
 
 1. prepares shards once (cached in the work dir);
-2. calibrates: after a one-step warm-up run (a machine's first Ray run starts slower than the
-   next), a short Ray run of the recipe measures the step time and a run's fixed start-up cost;
+2. calibrates (after a one-step warm-up run) the step time and a run's start-up cost;
 3. pretrains each method on Ray workers for ``budget`` wall-clock seconds: ``run.max_steps`` is
    set from the calibration (the cosine schedule then ends when the time does), with
    ``checkpoints`` probe points; then the best method again with other seeds;
@@ -19,13 +18,11 @@ manifest's ``val`` split), one run:
 6. prints a table, writes JSON and a PNG (probe accuracy against training time), and logs a run
    to MLflow (experiment ``ssl-dist-bench``; bounded, a tracking failure costs a warning).
 
-Baselines are scored first, each run is probed as soon as it ends, and each finished piece goes
-to a journal, so ``--resume`` continues a bench cut short (:mod:`ssl_dist.bench.journal`).
+Each finished piece goes to a journal: ``--resume`` continues (:mod:`ssl_dist.bench.journal`).
 
-Random init is the training init: ``torch.manual_seed(run.seed)`` then the method's constructor
-(:func:`ssl_dist.train.parts.build_model`), so with the recipe's ``model.zero_init_residual:
-true`` every residual block starts as the identity (last BN gamma = 0) and the random encoder is
-the stem plus the strided 1x1 shortcuts. The supervised run starts from the same weights.
+Random init is the training init (``torch.manual_seed(run.seed)``, then
+:func:`ssl_dist.train.parts.build_model`; with ``model.zero_init_residual`` every residual block
+starts as the identity), which the supervised run also starts from.
 """
 
 from __future__ import annotations
@@ -63,7 +60,10 @@ METHODS = ("simclr", "moco_v2", "moco_v3", "byol", "rotation", "simmim", "dino")
 encoder; on a ResNet recipe masked completion is SimMIM (pass ``mae`` with a ViT recipe)."""
 KNOWN = (*METHODS, "mae")
 """Every method the bench accepts by name."""
+LARS_1 = ("optim.lr=1.0",)
+"""The recipe's LARS rate (2.0) is SimCLR's; the other LARS methods were measured at 1.0."""
 METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("moco_v2", "moco_v3", "byol", "rotation"), LARS_1),
     # DINO: a head of K = 256 (the recipe's 65536 would be most of the step at this width) and
     # AdamW as in its reference; 2 local crops of 12 px beside the 2 global 28 px ones.
     "dino": (
@@ -79,7 +79,7 @@ METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
     # SimMIM masks 4 px squares, half of them (75 %: probe +5.1 / kNN +0.4 points over init in
     # 80 steps of the learn test, 50 %: +5.0 / +4.4); the side must be a multiple of the
     # encoder's stride (8): 32 px.
-    "simmim": ("data.image_size=32", "method.masked.mask_ratio=0.5"),
+    "simmim": ("data.image_size=32", "method.masked.mask_ratio=0.5", *LARS_1),
     # MAE on the small ViT (only with a ViT recipe or these overrides): AdamW as in its reference.
     "mae": (
         "model.encoder=vit_tiny",
