@@ -69,6 +69,10 @@ class MethodConfig(_Strict):
     """Softmax temperature of the contrastive loss."""
     gather: bool = True
     """Gather negatives / keys across all ranks (off only for ablations)."""
+    rotation_weight: float = Field(0.0, ge=0)
+    """SimCLR: weight of an auxiliary rotation-prediction loss (0: off). Each image, both its
+    views alike, is turned by a random multiple of 90 degrees and a head on the backbone
+    features predicts which (:mod:`ssl_dist.methods.simclr`)."""
     momentum: float = Field(0.99, ge=0, le=1)
     """MoCo: base momentum of the key encoder."""
     momentum_final: float = Field(1.0, ge=0, le=1)

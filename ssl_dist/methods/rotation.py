@@ -30,6 +30,34 @@ ROTATIONS = 4
 """0, 90, 180 and 270 degrees."""
 
 
+def rotation_head(features: int, hidden: int) -> nn.Sequential:
+    """MLP ``[B, features] -> [B, 4]`` (hidden width `hidden`, BN, ReLU): which rotation."""
+    return nn.Sequential(
+        nn.Linear(features, hidden, bias=False),
+        nn.BatchNorm1d(hidden),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden, ROTATIONS),
+    )
+
+
+def rotate_each(x: Tensor, k: Tensor) -> Tensor:
+    """Image i of ``x [N, C, H, W]`` (square) turned by ``k[i]`` quarter-turns (``k [N]`` in
+    0..3, on x's device), counter-clockwise as :func:`torch.rot90`."""
+    out = x.clone()
+    for j in range(1, ROTATIONS):
+        hit = k == j
+        out[hit] = torch.rot90(x[hit], j, dims=(2, 3))
+    return out
+
+
+def rotation_loss(head: nn.Module, h: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Cross-entropy of `head`'s rotation logits on features ``h [B, F]`` against ``y [B]``,
+    in float32 (float64 stays float64), and the share of rotations recognised (detached)."""
+    logits = head(h)
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, y), (logits.detach().argmax(1) == y).float().mean()
+
+
 class RotationInputs:
     """``(x, y)``: the four rotations of one augmented view per image ``[4N, C, H, W]`` (rotation
     k of every image, then k + 1) and the rotation index of each ``[4N]``, on `device`."""
@@ -61,13 +89,7 @@ class Rotation(SSLMethod):
         self, method: MethodConfig, model: ModelConfig, in_chans: int, image_size: int
     ) -> None:
         super().__init__(method, model, in_chans, image_size)
-        features = num_features(self.encoder)
-        self.head = nn.Sequential(
-            nn.Linear(features, model.proj_hidden, bias=False),
-            nn.BatchNorm1d(model.proj_hidden),
-            nn.ReLU(inplace=True),
-            nn.Linear(model.proj_hidden, ROTATIONS),
-        )
+        self.head = rotation_head(num_features(self.encoder), model.proj_hidden)
 
     def make_inputs(
         self, cfg: Config, manifest: Manifest, device: torch.device | str
@@ -77,7 +99,5 @@ class Rotation(SSLMethod):
     def forward(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """Args: x: rotated images ``[4N, C, H, W]``; y: rotation indices ``[4N]``.
         Returns: mean cross-entropy and ``rot_acc`` (share of rotations recognised)."""
-        logits = self.head(self.encoder(x))  # [4N, 4]; float32 (float64 stays float64)
-        logits = logits if logits.dtype == torch.float64 else logits.float()
-        loss = F.cross_entropy(logits, y)
-        return loss, {"rot_acc": (logits.detach().argmax(1) == y).float().mean()}
+        loss, acc = rotation_loss(self.head, self.encoder(x), y)
+        return loss, {"rot_acc": acc}
