@@ -73,7 +73,7 @@ def _method(name: str, seed: int = 0) -> SSLMethod:
 
 def _batch(name: str, step: int, rows: slice = slice(None)) -> tuple[Tensor, ...]:
     """The forward arguments of `rows` of step `step`'s global batch (float32)."""
-    return tuple(x.float() for x in _inputs(name, step, GLOBAL, rows))
+    return tuple(x.float() for x in _inputs(SPECS[name], step, GLOBAL, rows))
 
 
 def _reference(name: str) -> dict[str, Tensor]:
