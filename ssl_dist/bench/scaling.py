@@ -77,23 +77,24 @@ RATE_COLUMNS = [
 
 
 def model_flops(cfg: Config, batch: int = 16) -> dict[str, float]:
-    """FLOPs per image of one training step (2 views, forward + backward, encoder + projector +
-    loss) and of one encoder forward (one view), counted by ``FlopCounterMode``."""
+    """FLOPs per image of one training step (the method's inputs, e.g. 2 views, forward +
+    backward, encoder + heads + loss) and of one encoder forward (one view), counted by
+    ``FlopCounterMode``."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from ssl_dist.train.parts import build_model
 
     method = build_model(cfg)
     size, c = cfg.data.image_size, cfg.data.channels
-    x1, x2 = torch.randn(batch, c, size, size), torch.randn(batch, c, size, size)
+    args = method.example_inputs(batch, c, size)
     counter = FlopCounterMode(display=False)
     with counter:
-        loss, _ = method(x1, x2)
+        loss, _ = method(*args)
         loss.backward()
     train = counter.get_total_flops() / batch
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        method.encoder.eval()(x1)
+        method.encoder.eval()(args[0])
     return {
         "train_flops_per_image": float(train),
         "encoder_forward_flops_per_view": float(counter.get_total_flops() / batch),

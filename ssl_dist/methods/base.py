@@ -81,6 +81,11 @@ class SSLMethod(nn.Module):
         Default: two augmented views ``(x1, x2)`` (:class:`~ssl_dist.data.views.TwoViews`)."""
         return TwoViewInputs(views_for(cfg, manifest), device)
 
+    def example_inputs(self, n: int, channels: int, size: int) -> tuple[Tensor, ...]:
+        """Random forward arguments for `n` images of `channels` x `size` x `size` (what
+        :meth:`make_inputs` would build; two-view methods: two views), for counting FLOPs."""
+        return torch.randn(n, channels, size, size), torch.randn(n, channels, size, size)
+
     @classmethod
     def world_size_problem(
         cls, method: MethodConfig, per_rank_batch: int, world_size: int

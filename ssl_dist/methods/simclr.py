@@ -78,6 +78,12 @@ class SimCLR(SSLMethod):
         assert isinstance(pairs, TwoViewInputs)
         return RotatedPairInputs(pairs) if self.rotation_head is not None else pairs
 
+    def example_inputs(self, n: int, channels: int, size: int) -> tuple[Tensor, ...]:
+        views = super().example_inputs(n, channels, size)
+        if self.rotation_head is None:
+            return views
+        return *views, torch.randint(0, ROTATIONS, (n,))
+
     def forward(
         self, x1: Tensor, x2: Tensor, k: Tensor | None = None
     ) -> tuple[Tensor, dict[str, Tensor]]:

@@ -120,6 +120,9 @@ def test_scaling_pieces(fake, tmp_path):
     cfg = _cfg(manifest, tmp_path)
     flops = scaling.model_flops(cfg, batch=4)
     assert flops["train_flops_per_image"] > 4 * flops["encoder_forward_flops_per_view"] > 0
+    assert cfg.method.rotation_weight > 0  # the recipe's: its quarter-turns are counted too
+    plain = scaling.model_flops(_cfg(manifest, tmp_path, "method.rotation_weight=0"), batch=4)
+    assert 0 < plain["train_flops_per_image"] < flops["train_flops_per_image"]
     small = scaling._cfg(cfg, 1, 16, scaling.WARMUP + 2, tmp_path, "bare")
     bare = scaling.bare_rate(small, threads=1)
     assert bare["images_s"] > 0
