@@ -7,7 +7,9 @@ the method's own inputs, a plain torch optimizer and the step loop every run use
 (:func:`ssl_dist.train.runtime.run_steps`), on `cpus_per_worker` threads: what one Ray worker
 does on its core, without Ray's own processes. Variants:
 
-- ``eager``: as the recipe trains today (channels-first, no compilation, its precision);
+- ``eager``: the recipe in fp32, channels-first, without compilation (the baseline: every
+  variant but ``bf16`` runs fp32, so that on a CPU where the recipe's ``auto`` picks bf16 each
+  change is still measured against fp32 and bf16 is a change of its own);
 - ``channels_last``: model weights and activations in channels-last memory layout;
 - ``compile``: ``torch.compile`` (inductor) of the whole task (encoder, heads, loss); its
   compilation shows in the warm-up time (``warmup_s``), which a run pays once per process.
@@ -64,7 +66,7 @@ COLUMNS = [
 def run_variant(cfg: Config, variant: str, steps: int, warmup: int) -> dict[str, Any]:
     """Train `cfg` for `warmup` + `steps` steps under `variant`; the timed steps' figures."""
     cpu = torch.device("cpu")
-    prec = "bf16" if variant == "bf16" else cfg.zero.precision
+    prec = "bf16" if variant == "bf16" else "fp32"
     shards = open_shards(cfg.data)
     torch.manual_seed(cfg.run.seed)
     method = build_model(cfg)

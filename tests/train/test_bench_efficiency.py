@@ -22,6 +22,7 @@ def tiny(make_shards):
 @pytest.mark.slow
 def test_every_variant_trains_and_is_reported(tiny, tmp_path):
     out = tmp_path / "eff.json"
+    tiny.zero.precision = "auto"  # bf16 where native, as the CPU recipe: the baseline stays fp32
     rows = efficiency.run(tiny, out, steps=3, warmup=1)
     by = {r["variant"]: r for r in rows}
     assert list(by) == list(efficiency.VARIANTS)
