@@ -76,7 +76,13 @@ def connect(cfg: Config) -> None:
     if cfg.run.ray_address:
         ray.init(address=cfg.run.ray_address, log_to_driver=True)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True)
+        from ssl_dist.train.ray_logs import SETUP_HOOK
+
+        ray.init(
+            include_dashboard=False,
+            log_to_driver=True,
+            runtime_env={"worker_process_setup_hook": SETUP_HOOK},
+        )
 
 
 ELASTIC_RESIZE_INTERVAL_ENV = "SSL_DIST_ELASTIC_RESIZE_INTERVAL_S"

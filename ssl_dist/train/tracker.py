@@ -41,6 +41,15 @@ class Tracker:
 
         self.cfg, self.views, self.device, self.rank = cfg, views, device, rank
         self.num_classes = len(shards.manifest.classes)
+        val = shards.manifest.splits.get(cfg.data.val_split)
+        if views is not None and cfg.tracking.knn_every_epochs and not (val and val.samples):
+            # No queries: the monitor would fail on rank 0 while the others wait for it.
+            self.views = None  # every rank decides alike, from the manifest
+            if rank == 0 and cfg.tracking.enabled:
+                print(
+                    f"kNN monitor off: the manifest has no {cfg.data.val_split!r} samples",
+                    file=sys.stderr,
+                )
         self.enabled = cfg.tracking.enabled
         self.logger = None
         self.node = None

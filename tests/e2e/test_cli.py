@@ -118,3 +118,29 @@ def test_imagefolder(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "train: 9 samples" in r.stdout and "val: 3 samples" in r.stdout
     assert ssl_dist("data", "verify", str(out)).returncode == 0
+
+
+@pytest.mark.slow
+def test_local_pretrain_log_has_no_cleaner_flood(make_shards, tmp_path):
+    """A run on the local Ray instance `pretrain` starts (no dashboard, so no State API) trains
+    and its log is not flooded by Ray Train's placement-group cleaner (a warning a second). Its
+    shards have no val split: the kNN monitor is off, with a line saying so (it once hung)."""
+    d, _ = make_shards(96, 32, size=16)
+    args = [
+        *("pretrain", "-c", "launch/recipes/tiny.yaml", "-o", f"data.manifest={d}/manifest.json"),
+        *("-o", "run.max_steps=8", "-o", f"run.storage_path={tmp_path / 'runs'}"),
+        *("-o", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"),
+    ]
+    # A file, not a pipe: Ray's own processes inherit the output and may outlive the command.
+    with open(tmp_path / "log.txt", "w") as out:
+        r = subprocess.run(
+            [sys.executable, "-m", "ssl_dist.cli", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            timeout=240,
+        )
+    log = (tmp_path / "log.txt").read_text()
+    assert r.returncode == 0, log[-3000:]
+    assert "Reporting training result" in log  # the workers' lines reach the log
+    assert "Failed to query Ray Train Controller" not in log
+    assert "kNN monitor off: the manifest has no 'val' samples" in log
