@@ -164,7 +164,7 @@ class Progress(Hook):
                 loss=f"{mean_loss:.3f}", m=f"{out.momentum:.4f}", lr=f"{lr:.3g}", img_s=f"{ips:.0f}"
             )
 
-    def after_run(self, state) -> None:
+    def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
 

@@ -260,7 +260,13 @@ class Hook:
         """After an epoch's last micro-batch, with ``state.epoch`` already the next one."""
 
     def after_run(self, state: Progress) -> None:
-        """Once at the end, however the run ended (steps done, stopped, or nothing to do)."""
+        """Once at the end of a run that ended well (steps done, stopped, or nothing to do):
+        every rank gets here, so a collective is safe. Not called when the loop raised."""
+
+    def close(self) -> None:
+        """Once at the end however the run ended, an error included, after `after_run`: local
+        clean-up only. No collective: after an error the other ranks may be anywhere, and a
+        collective here would hold the error (and the run) until the group's timeout."""
 
 
 @dataclass
@@ -332,9 +338,11 @@ def run_steps(
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
             for hook in hooks:
                 hook.after_epoch(state)
-    finally:
         for hook in hooks:
             hook.after_run(state)
+    finally:
+        for hook in hooks:
+            hook.close()
     return state
 
 

@@ -141,6 +141,35 @@ def test_a_hook_stops_the_run_and_the_state_says_why():
     assert len(recorder.losses) == 3 and recorder.images == 3 * 8
 
 
+class Closes(Log):
+    """Records `close`; raises after step `fail_at` when asked."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        super().__init__()
+        self.fail_at = fail_at
+
+    def after_step(self, state, out):
+        super().after_step(state, out)
+        if out.step == self.fail_at:
+            raise RuntimeError("deliberate")
+
+    def close(self):
+        self.events.append(("close",))
+
+
+def test_an_error_skips_after_run_but_every_hook_closes():
+    """`after_run` may hold a collective: after an error the other ranks may be elsewhere, so
+    only `close` (local clean-up) runs, on every hook, the failing one included."""
+    failing, other = Closes(fail_at=2), Closes()
+    with pytest.raises(RuntimeError, match="deliberate"):
+        _train(total=5, accum=1, hooks=[failing, other])
+    assert failing.events[-2:] == [("step", 2, False, None, 4), ("close",)]
+    assert other.events[-1] == ("close",) and ("end", 2) not in other.events
+    ok = Closes()
+    _train(total=3, accum=1, hooks=[ok])
+    assert ok.events[-2:] == [("end", 3), ("close",)]  # a run that ended well: both, in order
+
+
 def test_resume_skips_what_the_stream_position_says():
     # Stop after 2 steps of 2 micro-batches, then continue: the same as one run of 5 steps.
     first, state = _train(total=5, accum=2, hooks=[Log(stop_at=2)])
