@@ -221,7 +221,9 @@ class Checkpoints(Hook):
     def after_step(self, state, out: Step) -> None:
         if out.step % self.cfg.run.checkpoint_every and not (out.done or out.stop):
             return
-        final = self._final_metrics() if out.done else {}
+        # Throughput and memory whenever the run ends here: its last step, or a stop agreed on
+        # every rank (a time limit ends most budgeted runs; the figures are a collective).
+        final = self._final_metrics() if out.done or out.stop else {}
         # The step's loss, mean over ranks (a collective: every rank saves at this step).
         final["loss"] = collectives.all_reduce_mean(out.loss.float()).item()
         self._save(final)

@@ -111,18 +111,20 @@ def test_time_limit_stops_with_a_checkpoint(local_ray, tiny_cfg):
 
     limit = 20.0
     start = time.perf_counter()
-    d = _final(
-        pretrain(
-            tiny_cfg(
-                "run.name=timed",
-                "run.epochs=100000",
-                "run.max_steps=100000",
-                "run.checkpoint_every=100000",
-                f"run.time_limit_s={limit}",
-            )
+    result = pretrain(
+        tiny_cfg(
+            "run.name=timed",
+            "run.epochs=100000",
+            "run.max_steps=100000",
+            "run.checkpoint_every=100000",
+            f"run.time_limit_s={limit}",
         )
     )
     wall = time.perf_counter() - start
+    d = _final(result)
+    # A stopped run still reports its throughput and memory (budgeted runs mostly end so).
+    assert result[1]["images_s"] > 0 and result[1]["step_ms"] > 0, result[1]
+    assert result[1]["peak_rss_mb"] > 0, result[1]
     state = json.loads((d / STATE).read_text())
     assert 1 <= state["step"] < 100000 and state["stopped"] == "time_limit"
     # Past the limit by at most a step, a checkpoint and the teardown.
