@@ -213,6 +213,9 @@ def _worker_env(use_gpu: bool) -> dict[str, str]:
     if not use_gpu:
         # DeepSpeed probes for an accelerator at import; pin its CPU one when no GPU is used.
         env.setdefault("DS_ACCELERATOR", "cpu")
+    # Ray Train patches `print` in its workers to write through its logger as well as to a
+    # wrapped stderr: every line a worker prints reached the driver's log twice.
+    env.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     return env
 
 
